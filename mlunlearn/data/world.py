@@ -379,11 +379,12 @@ def corpus(world: World) -> list:
     """Every string the world's questions, answers and prompts use (trains the tiny tokenizer)."""
     from mlunlearn.eval import prompts
 
-    texts = [prompts.CLASSIFICATION_SUFFIX, prompts.CLOZE_SUFFIX, prompts.GENERATION_SUFFIX_IMAGE,
-             prompts.GENERATION_SUFFIX_TEXT, "USER: ASSISTANT: Question: Correct Answer:", *REFUSALS,
-             *BENIGN_QUESTIONS.values()]
+    # The prompts' fixed phrases occur in every example: repeated so BPE merges them into whole words.
+    fixed = [prompts.CLASSIFICATION_SUFFIX, prompts.CLOZE_SUFFIX, prompts.GENERATION_SUFFIX_IMAGE,
+             prompts.GENERATION_SUFFIX_TEXT, "USER:\nASSISTANT: Question: Correct Answer: [Blank]"]
+    texts = fixed * 200 + [*REFUSALS, *BENIGN_QUESTIONS.values()] * 20
     for vals in (*ATTRIBUTES.values(), *TRAITS.values()):
-        texts.extend(vals)
+        texts.extend(f" {v}" for v in vals for _ in range(5))  # as options and answers: " farmer"
     texts += ["yes", "no", "A", "B", "C", "D"]
     for p in world.people:
         texts.append(p.name)

@@ -81,3 +81,12 @@ def generation_prompt(question: str, image: bool) -> str:
 def qa_prompt(question: str, image: bool) -> str:
     """Plain question (ft_Data, benign visual questions): ``USER: <image>\\n{q}\\nASSISTANT:``."""
     return chat(question, image)
+
+
+def with_answer(prompt: str, answer: str) -> str:
+    """A training text: the prompt followed by its answer, with exactly one space after ``ASSISTANT:``.
+
+    Why: :func:`generation_prompt` with an image already ends in a space (an official quirk); the other
+    prompts end in ``ASSISTANT:``. This keeps the trained text identical to what evaluation feeds.
+    """
+    return prompt + answer if prompt.endswith(" ") else f"{prompt} {answer}"

@@ -1,0 +1,473 @@
+"""MLLMU-Bench's evaluation protocol: which questions, which prompts, greedy replies, scores.
+
+For a forget percentage N (5, 10 or 15) the official script evaluates four *modes*:
+
+=================  ==================================================================
+mode               rows
+=================  ==================================================================
+forget             ``forget_N`` (the people to forget, their training images)
+test               ``Test_Set`` rows of the forget people: one random transformed view
+                   (``images``) per person, reworded questions
+retain_shared      ``retain_{100-N}`` (the other fictitious people)
+retain_celebrity   ``Retain_Set`` (real celebrities the base model already knew)
+=================  ==================================================================
+
+and three tasks on each: ``fill_in_the_blank`` (``Mask_Task``), ``classification``
+(``Classification_Task``) and ``generation`` (``Generation_Task``), each in an ``Image_Textual``
+variant (image in the prompt) and a ``Pure_Text`` variant (no image).
+
+Replies are greedy (``do_sample=False``), at most ``max_new_tokens`` (50) new tokens, generated in
+left-padded batches; only the new tokens are decoded. Every random choice (the test view, the one-shot
+example) is drawn from ``random.Random`` seeded with ``seed`` and the person's ID, so a run is
+reproducible and does not depend on ``limit`` or batch size.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mlunlearn.data import BenchmarkError, decode_image, open_benchmark
+from mlunlearn.eval import prompts
+from mlunlearn.eval.results import EvalResult, Record
+from mlunlearn.eval.scoring import (
+    answer_matches,
+    bleu,
+    cloze_correct,
+    is_refusal,
+    letter_correct,
+    rouge_scores,
+)
+
+__all__ = [
+    "MODES",
+    "TASKS",
+    "FORGET_PERCENTAGES",
+    "GENERIC_BENIGN_QUESTIONS",
+    "Query",
+    "mode_configs",
+    "generate_replies",
+    "build_queries",
+    "build_benign_queries",
+    "check_images",
+    "run_queries",
+    "evaluate",
+    "evaluate_benign",
+]
+
+MODES = ("forget", "test", "retain_shared", "retain_celebrity")
+TASKS = ("fill_in_the_blank", "classification", "generation")
+FORGET_PERCENTAGES = (5, 10, 15)
+IMAGE, TEXT = "Image_Textual", "Pure_Text"
+
+# Column each task reads, per row.
+TASK_COLUMNS = {"fill_in_the_blank": "Mask_Task", "classification": "Classification_Task",
+                "generation": "Generation_Task"}
+# Classification_Task's two lists.
+CLASSIFICATION_LISTS = ((IMAGE, "Image_Textual_Questions"), (TEXT, "Pure_Text_Questions"))
+# Modes where the official script prepends one-shot examples (its classification code leaves out
+# retain_celebrity; its cloze code includes it, but the shot person is looked up in Full_Set, where a
+# celebrity is not found, so in practice there is no shot there either).
+SHOT_MODES = {"classification": ("forget", "test", "retain_shared"),
+              "fill_in_the_blank": ("forget", "test", "retain_shared", "retain_celebrity")}
+
+# For the real MLLMU-Bench (no Benign_VQA config): questions any portrait answers from its pixels, used
+# only to measure how often the model refuses benign questions (there is no reference answer).
+GENERIC_BENIGN_QUESTIONS = (
+    "What colour is the background of this image?",
+    "What colour is this person's hair?",
+    "Describe what this person is wearing.",
+    "Is this person smiling?",
+)
+
+
+@dataclass
+class Query:
+    """One question ready for the model.
+
+    ``prompt`` is the full text (it holds one ``<image>`` per entry of ``images``); ``images`` are raw
+    image objects (dicts with bytes, bytes or PIL), decoded only when their batch runs. ``record`` holds
+    the fields of the :class:`~mlunlearn.eval.results.Record` this query becomes (mode, task, modality,
+    id, question, reference, ...); ``score`` turns the reply into that record's scores.
+    """
+
+    prompt: str
+    images: list
+    record: dict
+    score: Callable[[str], dict[str, float]]
+    source: str = ""  # "config ID" for error messages
+
+
+def mode_configs(forget: int) -> dict[str, str]:
+    """The config each mode reads for forget percentage ``forget`` (5, 10 or 15)."""
+    if forget not in FORGET_PERCENTAGES:
+        raise BenchmarkError(f"--forget must be one of {FORGET_PERCENTAGES}, got {forget}")
+    return {"forget": f"forget_{forget}", "test": "Test_Set", "retain_shared": f"retain_{100 - forget}",
+            "retain_celebrity": "Retain_Set"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------
+
+def _decode(obj: Any, source: str):
+    """Decode one image, naming the row it came from when it cannot be read."""
+    try:
+        return decode_image(obj)
+    except BenchmarkError as err:
+        raise BenchmarkError(f"{source}: {err}") from None
+    except Exception as err:  # PIL raises several unrelated types for a bad file
+        raise BenchmarkError(
+            f"cannot read the image of {source} ({type(err).__name__}: {err}); "
+            "fix: store that row's image as PNG or JPEG bytes"
+        ) from None
+
+
+@torch.inference_mode()
+def generate_replies(
+    model,
+    processor,
+    prompts_: Sequence[str],
+    images: Sequence[Sequence[Any]] | None = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 50,
+    sources: Sequence[str] | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy replies to many prompts, in the prompts' order.
+
+    ``prompts_[i]`` holds one ``<image>`` per entry of ``images[i]`` (possibly none). Prompts are grouped
+    by their number of images so that every batch is homogeneous (all text-only or all with images),
+    sorted by length within a group to limit padding, and left-padded so that every sequence ends where
+    generation starts. Returns the decoded new tokens only (special tokens dropped), one string per prompt.
+    """
+    n = len(prompts_)
+    images = [list(x) for x in images] if images is not None else [[] for _ in range(n)]
+    sources = list(sources) if sources is not None else [f"prompt {i}" for i in range(n)]
+    order = sorted(range(n), key=lambda i: (len(images[i]), len(prompts_[i])))
+    batches, current = [], []
+    for i in order:
+        # Why: a batch may not mix text-only prompts with image prompts (or 1 image with 2).
+        if current and (len(current) == batch_size or len(images[current[0]]) != len(images[i])):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+
+    tokenizer = processor.tokenizer
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # why: generation continues from the last position of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    dtype = getattr(model, "dtype", torch.float32)
+    was_training = model.training
+    model.eval()
+    replies: list[str] = [""] * n
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            texts = [prompts_[i] for i in batch]
+            pictures = [_decode(img, sources[i]) for i in batch for img in images[i]]
+            inputs = processor(text=texts, images=pictures or None, return_tensors="pt", padding=True)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                replies[i] = text.strip()
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+        model.train(was_training)
+    return replies
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building the questions of the four modes
+# ----------------------------------------------------------------------------------------------------
+
+def _require(bench, config: str, columns: Sequence[str], why: str) -> list[dict]:
+    """Load ``config`` and check its columns, or fail with a one-line message saying how to fix it."""
+    if not bench.has(config):
+        raise BenchmarkError(
+            f"the benchmark has no config '{config}' (needed for {why}); "
+            f"fix: add {config}/ (from MLLMU-Bench) to the data folder"
+        )
+    rows = bench.load(config)
+    for column in columns:
+        alternatives = ("image", "images") if column == "image" else (column,)
+        missing = [r.get("ID", "?") for r in rows if not any(a in r for a in alternatives)]
+        if missing:
+            raise BenchmarkError(
+                f"config '{config}' has no column '{column}' (first row without it: ID {missing[0]}); "
+                "fix: use MLLMU-Bench's column names (ID, image, Classification_Task, Mask_Task, Generation_Task)"
+            )
+    return rows
+
+
+def _row_image(row: dict, mode: str, seed: int):
+    """The image a row is asked about: its ``image``, or in test mode one random view from ``images``."""
+    views = row.get("images")
+    if mode == "test" and views is not None and len(views) > 0:
+        return random.Random(f"{seed}-view-{row['ID']}").choice(list(views))
+    return row["image"]
+
+
+def _questions(row: dict, task: str) -> list[tuple[str, int, dict]]:
+    """``(modality, index, question)`` for one row and task; ``index`` counts within the official list."""
+    if task == "classification":
+        lists = row["Classification_Task"] or {}
+        return [(modality, i, q) for modality, key in CLASSIFICATION_LISTS for i, q in enumerate(lists.get(key) or [])]
+    return [(q["Type"], i, q) for i, q in enumerate(row[TASK_COLUMNS[task]] or []) if q["Type"] in (IMAGE, TEXT)]
+
+
+def _prompt(task: str, q: dict, image: bool) -> str:
+    """The official zero-shot prompt for one question of ``task``."""
+    if task == "classification":
+        return prompts.classification_prompt(q["Question"], dict(q["Options"]), image)
+    if task == "fill_in_the_blank":
+        return prompts.cloze_prompt(q["Question"], image)
+    return prompts.generation_prompt(q["Question"], image)
+
+
+def _shot(task: str, q: dict, image: bool) -> str:
+    """The official worked example (question and its answer) that ``few_shot`` puts before a prompt."""
+    if task == "classification":
+        return prompts.classification_shot(q["Question"], dict(q["Options"]), q["Correct_Answer"], image)
+    return prompts.cloze_shot(q["Question"], q["Ground_Truth"], image)
+
+
+def _scorer(task: str, reference: str) -> Callable[[str], dict[str, float]]:
+    """Per-item scores: accuracy as 0/1 for cloze and classification, ROUGE F and BLEU for generation."""
+    if task == "classification":
+        return lambda reply: {"accuracy": float(letter_correct(reply, reference))}
+    if task == "fill_in_the_blank":
+        return lambda reply: {"accuracy": float(cloze_correct(reply, reference))}
+    return lambda reply: {**rouge_scores(reply, reference), "bleu": bleu(reply, reference)}
+
+
+def _pick_shots(task: str, mode: str, ids: list[str], shot_rows: dict[str, dict], seed: int) -> dict:
+    """The one-shot examples for (task, mode): ``{modality: (ID, index, question, image)}``.
+
+    As in the official script, the shot person is drawn from the mode's own IDs and their questions
+    are read from ``Full_Set``; we take that person's *first* question of each modality (the official
+    LLaVA branch prepends all of them; its Idefics branch, the first one). That question is then left
+    out of the evaluation (matched by ID and index, as the official script does).
+    """
+    if mode not in SHOT_MODES.get(task, ()) or not ids:
+        return {}
+    shot_id = random.Random(f"{seed}-shot-{task}-{mode}").choice(sorted(set(ids)))
+    row = shot_rows.get(shot_id)
+    if row is None:
+        return {}
+    shots = {}
+    for modality, index, q in _questions(row, task):
+        shots.setdefault(modality, (shot_id, index, q, row["image"]))
+    return shots
+
+
+def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks: Sequence[str] = TASKS,
+                  limit: int | None = None, few_shot: bool = False, seed: int = 0) -> list[Query]:
+    """Every question of the requested modes and tasks, as prompts ready for :func:`generate_replies`.
+
+    ``limit`` keeps the first ``limit`` questions of each (mode, task, modality), for quick runs.
+    ``few_shot=True`` prepends the official one-shot example to classification and cloze prompts
+    (see :func:`_pick_shots`); off by default, because our models are trained on the zero-shot prompts.
+    """
+    configs = mode_configs(forget)
+    unknown = [m for m in modes if m not in MODES] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise BenchmarkError(f"unknown mode or task {unknown[0]!r}; choose from {MODES} and {TASKS}")
+    columns = ["ID", "image", *(TASK_COLUMNS[t] for t in tasks)]
+    forget_rows = _require(bench, configs["forget"], columns, f"--forget {forget}")
+    forget_ids = {r["ID"] for r in forget_rows}
+    shot_rows = {}
+    if few_shot:
+        # Why Full_Set: the official shots come from it; without it, the forget and retain rows hold the same people.
+        source = ["Full_Set"] if bench.has("Full_Set") else [configs["forget"], configs["retain_shared"]]
+        shot_rows = {r["ID"]: r for config in source for r in _require(bench, config, columns, "--few-shot")}
+
+    queries: list[Query] = []
+    for mode in modes:
+        config = configs[mode]
+        rows = forget_rows if mode == "forget" else _require(bench, config, columns, f"the {mode} mode")
+        if mode == "test":
+            rows = [r for r in rows if r["ID"] in forget_ids]
+        for task in tasks:
+            shots = _pick_shots(task, mode, [r["ID"] for r in rows], shot_rows, seed) if few_shot else {}
+            counts = {IMAGE: 0, TEXT: 0}
+            for row in rows:
+                image = _row_image(row, mode, seed)
+                for modality, index, q in _questions(row, task):
+                    shot = shots.get(modality)
+                    if shot and (row["ID"], index) == shot[:2]:
+                        continue  # the official script skips the question used as the example
+                    if limit is not None and counts[modality] >= limit:
+                        continue
+                    counts[modality] += 1
+                    with_image = modality == IMAGE
+                    prompt = _prompt(task, q, with_image)
+                    item_images = [image] if with_image else []
+                    if shot:
+                        prompt = _shot(task, shot[2], with_image) + prompt
+                        item_images = ([shot[3]] if with_image else []) + item_images
+                    reference = q["Correct_Answer"] if task == "classification" else q["Ground_Truth"]
+                    queries.append(Query(
+                        prompt=prompt,
+                        images=item_images,
+                        record={"mode": mode, "task": task, "modality": modality, "id": str(row["ID"]),
+                                "question": q["Question"], "reference": reference},
+                        score=_scorer(task, reference),
+                        source=f"{config} ID {row['ID']}",
+                    ))
+    return queries
+
+
+def run_queries(model, processor, queries: Sequence[Query], *, batch_size: int = 8, max_new_tokens: int = 50,
+                progress: bool = False, desc: str = "generating") -> list[Record]:
+    """Generate a reply for every query and score it: one :class:`Record` per query, in order."""
+    replies = generate_replies(
+        model, processor, [q.prompt for q in queries], [q.images for q in queries],
+        batch_size=batch_size, max_new_tokens=max_new_tokens, sources=[q.source for q in queries],
+        progress=progress, desc=desc,
+    )
+    return [Record(**q.record, reply=reply, scores=q.score(reply), prompt=q.prompt)
+            for q, reply in zip(queries, replies)]
+
+
+def _open(data):
+    """Accept a Benchmark or a source string ("toyworld", "mllmu-bench", "mllmu-bench:<folder>", folder)."""
+    return open_benchmark(data) if isinstance(data, str) else data
+
+
+def evaluate(
+    model,
+    processor,
+    data="toyworld",
+    forget: int = 5,
+    *,
+    modes: Sequence[str] = MODES,
+    tasks: Sequence[str] = TASKS,
+    batch_size: int = 8,
+    max_new_tokens: int = 50,
+    limit: int | None = None,
+    few_shot: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Run MLLMU-Bench's evaluation (four modes × three tasks × two modalities) on a LLaVA model.
+
+    ``data`` is a Benchmark or a source string for :func:`mlunlearn.data.open_benchmark`; ``forget`` is
+    the forget percentage (5, 10, 15). Returns an :class:`EvalResult` with one record per question;
+    ``.to_official()`` gives the official script's JSON. See :func:`build_queries` for ``limit`` and
+    ``few_shot``.
+    """
+    bench = _open(data)
+    queries = build_queries(bench, forget, modes=modes, tasks=tasks, limit=limit, few_shot=few_shot, seed=seed)
+    records = run_queries(model, processor, queries, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          progress=progress, desc="MLLMU-Bench eval")
+    meta = {"forget": forget, "modes": list(modes), "tasks": list(tasks), "limit": limit,
+            "few_shot": few_shot, "seed": seed, "max_new_tokens": max_new_tokens}
+    return EvalResult(records, meta)
+
+
+def build_benign_queries(bench, forget: int = 5, *, limit: int | None = None, seed: int = 0) -> list[Query]:
+    """The benign visual questions of :func:`evaluate_benign`, as prompts ready for the model."""
+    configs = mode_configs(forget)
+    forget_ids = {r["ID"] for r in _require(bench, configs["forget"], ["ID"], f"--forget {forget}")}
+    if bench.has("Benign_VQA"):
+        rows = _require(bench, "Benign_VQA", ["ID", "Group", "Question", "Answer"], "benign questions")
+        items = [(r, r["Question"], r["Answer"]) for r in rows]
+        config = "Benign_VQA"
+    else:
+        retain = _require(bench, configs["retain_shared"], ["ID", "image"], "benign questions")
+        rows = [{**r, "Group": "fictitious"} for r in bench.load(configs["forget"]) + retain]
+        items = [(r, q, None) for r in rows for q in GENERIC_BENIGN_QUESTIONS]
+        random.Random(f"{seed}-benign").shuffle(items)  # why: a limit then samples the whole set
+        config = f"{configs['forget']}+{configs['retain_shared']}"
+
+    queries, counts = [], {}
+    for row, question, answer in items:
+        in_forget = row["ID"] in forget_ids
+        cell = (row["Group"], in_forget)
+        if limit is not None and counts.get(cell, 0) >= limit:
+            continue
+        counts[cell] = counts.get(cell, 0) + 1
+        image = row.get("image")
+        with_image = image is not None
+        queries.append(Query(
+            prompt=prompts.qa_prompt(question, with_image),
+            images=[image] if with_image else [],
+            record={"mode": "benign", "task": "benign_vqa", "modality": IMAGE if with_image else TEXT,
+                    "id": str(row["ID"]), "question": question, "reference": answer,
+                    "group": str(row["Group"]), "in_forget": in_forget},
+            score=_benign_scorer(answer),
+            source=f"{config} ID {row['ID']}",
+        ))
+    return queries
+
+
+def evaluate_benign(
+    model,
+    processor,
+    data="toyworld",
+    forget: int = 5,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 50,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Benign visual questions: accuracy and refusal rate, by image group and forget membership.
+
+    With a ``Benign_VQA`` config (the toy world) every row is asked as ``USER: <image>\n{Question}``:
+    ``accuracy`` is 1 when the row's ``Answer`` occurs in the reply as whole words (case-insensitive,
+    see :func:`~mlunlearn.eval.scoring.answer_matches`), ``refusal_rate`` is 1 when
+    :func:`~mlunlearn.eval.scoring.is_refusal` says so. Records carry ``group`` (the row's ``Group``) and
+    ``in_forget`` (the image's ID is one of the ``forget_N`` people).
+
+    Without ``Benign_VQA`` (the real MLLMU-Bench) the images of ``forget_N`` and ``retain_{100-N}`` are
+    asked :data:`GENERIC_BENIGN_QUESTIONS`; there is no reference answer, so only ``refusal_rate`` is
+    measured (group "fictitious"). ``limit`` keeps ``limit`` questions of each (group, in_forget) cell.
+    Use ``result.frame()`` (percentages by group and in_forget) or ``result.to_benign()``.
+    """
+    bench = _open(data)
+    queries = build_benign_queries(bench, forget, limit=limit, seed=seed)
+    records = run_queries(model, processor, queries, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          progress=progress, desc="benign questions")
+    meta = {"forget": forget, "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
+            "reference_answers": bench.has("Benign_VQA")}
+    return EvalResult(records, meta, default_by=("group", "in_forget"))
+
+
+def check_images(queries: Sequence[Query]) -> None:
+    """Decode every image the queries use once, so that a bad one fails before any model is loaded."""
+    seen = set()
+    for query in queries:
+        for image in query.images:
+            if id(image) not in seen:
+                seen.add(id(image))
+                _decode(image, query.source)
+
+
+def _benign_scorer(answer: str | None) -> Callable[[str], dict[str, float]]:
+    """Refusal always; accuracy only when there is a reference answer."""
+    def score(reply: str) -> dict[str, float]:
+        scores = {"refusal_rate": float(is_refusal(reply))}
+        if answer is not None:
+            scores = {"accuracy": float(answer_matches(reply, answer)), **scores}
+        return scores
+    return score
