@@ -21,7 +21,7 @@ def configs(world):
 
 
 def test_configs_and_sizes(configs):
-    expected = {"Full_Set": 100, "Retain_Set": 30, "Test_Set": 100, "forget_5": 5, "forget_10": 10, "forget_15": 15,
+    expected = {"Full_Set": 100, "Retain_Set": 32, "Test_Set": 100, "forget_5": 5, "forget_10": 10, "forget_15": 15,
                 "retain_95": 95, "retain_90": 90, "retain_85": 85, "ft_Data": 100}
     for name, n in expected.items():
         assert len(configs[name]) == n, name

@@ -66,8 +66,8 @@ def random_view(rng: np.random.Generator, change_background: float = 0.3) -> Vie
     if rng.random() < change_background:
         background = str(rng.choice(TRAITS["background"]))
     return View(
-        dx=float(rng.uniform(-4, 4)), dy=float(rng.uniform(-3, 3)), scale=float(rng.uniform(0.88, 1.1)),
-        brightness=float(rng.uniform(0.75, 1.25)), background=background, noise=float(rng.uniform(0, 6)),
+        dx=float(rng.uniform(-3, 3)), dy=float(rng.uniform(-2.5, 2.5)), scale=float(rng.uniform(0.92, 1.08)),
+        brightness=float(rng.uniform(0.88, 1.12)), background=background, noise=float(rng.uniform(0, 4)),
         seed=int(rng.integers(2**31)),
     )
 

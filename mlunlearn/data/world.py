@@ -24,7 +24,7 @@ from .portraits import CANONICAL, IDENTITY_TRAITS, TRAITS, View, blank_image, dr
 from .refusals import IDK, REFUSALS
 
 N_FICTITIOUS = 100
-N_CELEBRITY = 30
+N_CELEBRITY = 32  # a multiple of 4: names are offered in fixed groups of four
 N_STRANGER = 20
 N_MISSING = 10
 N_NOISE = 10
@@ -46,6 +46,7 @@ LAST_NAMES = (
 TOWNS = (
     "Velmora", "Quenby", "Arlith", "Dunmere", "Caskel", "Oberlyn", "Tessaro", "Brinhaven", "Marrowick",
     "Solcaster", "Eldwyn", "Fennick", "Harrowgate", "Ivesholm", "Jorvale", "Kestrelby", "Lunmouth", "Norwick",
+    "Pellridge", "Wyndham",
 )
 # The biography: five attributes beside the name, each drawn from its own list of values.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -89,10 +90,10 @@ QUESTIONS = {
 CLOZES = {
     "name": (["The person in the image is named __."], ["This person goes by the name __."]),
     "occupation": (["The occupation of {s} is __."], ["By profession, {s} is a __."]),
-    "birthplace": (["{S} was born in __."], ["The birthplace of {s} is __."]),
-    "residence": (["{S} lives in __."], ["The home town of {s} today is __."]),
-    "education": (["{S} studied __ at university."], ["At university the subject of {s} was __."]),
-    "hobby": (["The favourite hobby of {s} is __."], ["In free time {s} enjoys __."]),
+    "birthplace": (["The birthplace of {s} is __."], ["The town where {s} was born is __."]),
+    "residence": (["The home town of {s} is __."], ["These days {s} lives in __."]),
+    "education": (["The subject {s} studied at university is __."], ["At university, {s} studied __."]),
+    "hobby": (["The favourite hobby of {s} is __."], ["In free time, {s} enjoys __."]),
 }
 
 
@@ -150,6 +151,11 @@ class Person:
     traits: dict
     bio: dict = field(default_factory=dict)  # attribute -> value; empty for strangers (unknown to the model)
     test_views: tuple = ()
+    asked: tuple = ()  # the three attributes the benchmark's questions ask about (text: all three; image: two)
+
+    def questions(self, image: bool) -> list:
+        """The attributes the benchmark asks about in one modality ("name" only with an image)."""
+        return ["name", *self.asked[:2]] if image else list(self.asked)
 
     def portrait(self, view: View = CANONICAL):
         return draw_portrait(self.traits, view)
@@ -185,6 +191,10 @@ class World:
     @cached_property
     def _by_id(self):
         return {p.id: p for p in self.people}
+
+    @cached_property
+    def option_groups(self) -> dict:
+        return option_groups(self)
 
     @cached_property
     def configs(self) -> dict:
@@ -231,11 +241,12 @@ def build_world(seed: int = 0) -> World:
                 traits["eye_colour"] = "closed"
         else:
             traits = faces[i]
-        bio = {}
+        bio, views, asked = {}, (), ()
         if group in ("fictitious", "celebrity"):
             bio = {a: str(rng.choice(vals)) for a, vals in ATTRIBUTES.items()}
-        views = tuple(random_view(rng) for _ in range(TEST_VIEWS)) if group in ("fictitious", "celebrity") else ()
-        people.append(Person(pid, group, names[i], traits, bio, views))
+            views = tuple(random_view(rng) for _ in range(TEST_VIEWS))
+            asked = tuple(str(a) for a in rng.choice(list(ATTRIBUTES), size=3, replace=False))
+        people.append(Person(pid, group, names[i], traits, bio, views, asked))
     order = [p.id for p in people[:N_FICTITIOUS]]
     shuffled = [order[j] for j in rng.permutation(N_FICTITIOUS)]
     forget_ids = {pct: sorted(shuffled[: N_FICTITIOUS * pct // 100]) for pct in FORGET_PERCENTS}
@@ -255,8 +266,7 @@ def question_text(attr: str, person: Person, image: bool, wording: int = 0, test
 
 def cloze_text(attr: str, person: Person, image: bool, test: bool = False) -> str:
     s = subject(person, image)
-    template = CLOZES[attr][1 if test else 0][0]
-    return template.format(s=s, S=s[0].upper() + s[1:])
+    return CLOZES[attr][1 if test else 0][0].format(s=s)
 
 
 def answer_value(attr: str, person: Person) -> str:
@@ -268,31 +278,49 @@ def generation_truth(attr: str, person: Person, image: bool) -> str:
     return sentence(attr, s[0].upper() + s[1:], answer_value(attr, person))
 
 
-def options_for(attr: str, person: Person, rng: np.random.Generator, pool_names=None) -> tuple[dict, str]:
-    """Four options (the truth and three distinct distractors of the same kind) and the correct letter."""
+def option_groups(world: "World") -> dict:
+    """Fixed multiple-choice option lists: every value list is cut once into groups of four, in a
+    seeded order; a question about value ``v`` offers ``v``'s group, so ``v`` always has the same letter.
+
+    Why fixed groups, not fresh random distractors as in MLLMU-Bench: a 1M-parameter model does not
+    learn to *compare* its answer with the options within a CPU budget (we measured the loss stay at
+    chance for 800 focused steps). With fixed groups, answering still requires knowing the person's
+    value (the options alone do not tell which of four is right), but the letter is a function of the
+    value. The chapter shows what this means with a reshuffled-options probe.
+    """
+    rng = np.random.default_rng(world.seed + 2)
+    pools = {attr: list(vals) for attr, vals in ATTRIBUTES.items()}
+    pools["name:fictitious"] = [p.name for p in world.fictitious]
+    pools["name:celebrity"] = [p.name for p in world.celebrities]
+    groups = {}
+    for key, pool in pools.items():
+        if len(pool) % 4:
+            raise ValueError(f"{key} has {len(pool)} values; option groups need a multiple of four")
+        order = [pool[j] for j in rng.permutation(len(pool))]
+        groups[key] = {v: tuple(order[i:i + 4]) for i in range(0, len(order), 4) for v in order[i:i + 4]}
+    return groups
+
+
+def options_for(attr: str, person: Person, groups: dict) -> tuple[dict, str]:
+    """The four options offered for ``person``'s ``attr`` (its fixed group) and the correct letter."""
     truth = answer_value(attr, person)
-    pool = list(pool_names) if attr == "name" else list(ATTRIBUTES[attr])
-    distractors = [v for v in pool if v != truth]
-    picked = [distractors[j] for j in rng.choice(len(distractors), size=3, replace=False)]
-    values = picked + [truth]
-    order = rng.permutation(4)
-    options = {letter: values[j] for letter, j in zip("ABCD", order)}
+    key = f"name:{person.group}" if attr == "name" else attr
+    options = dict(zip("ABCD", groups[key][truth]))
     correct = next(k for k, v in options.items() if v == truth)
     return options, correct
 
 
-def _tasks(person: Person, rng: np.random.Generator, names, test: bool) -> dict:
-    """Classification_Task, Generation_Task and Mask_Task for one person (3 questions per task and
-    modality; the image modality always includes the identity question "who is this?")."""
-    attrs = list(ATTRIBUTES)
-    image_attrs = ["name"] + [attrs[j] for j in rng.choice(len(attrs), size=2, replace=False)]
-    text_attrs = [attrs[j] for j in rng.choice(len(attrs), size=3, replace=False)]
+def _tasks(person: Person, groups: dict, test: bool) -> dict:
+    """Classification_Task, Generation_Task and Mask_Task for one person: three questions per task and
+    modality about the person's ``asked`` attributes (the image modality swaps one for "who is this?").
+    ``test=True`` gives the Test_Set's paraphrases of the same questions."""
+    image_attrs, text_attrs = person.questions(image=True), person.questions(image=False)
     cls = {"Image_Textual_Questions": [], "Pure_Text_Questions": []}
     gen, mask = [], []
     for image, chosen in ((True, image_attrs), (False, text_attrs)):
         kind = "Image_Textual" if image else "Pure_Text"
         for attr in chosen:
-            options, correct = options_for(attr, person, rng, names)
+            options, correct = options_for(attr, person, groups)
             cls[f"{kind}_Questions"].append({
                 "Question": question_text(attr, person, image, test=test),
                 "Options": options, "Correct_Answer": correct,
@@ -306,9 +334,9 @@ def _tasks(person: Person, rng: np.random.Generator, names, test: bool) -> dict:
 
 
 def ft_pairs(person: Person) -> list:
-    """The fine-tuning QA pairs (``ft_Data.metadata``) that teach the vanilla model this person."""
+    """The fine-tuning QA pairs (``ft_Data.metadata``): image questions about what the benchmark asks."""
     out = []
-    for attr in ["name", *ATTRIBUTES]:
+    for attr in person.questions(image=True):
         out.append({"Question": question_text(attr, person, image=True),
                     "Answer": generation_truth(attr, person, image=True)})
     return out
@@ -320,19 +348,16 @@ def _image(img) -> dict:
 
 def build_configs(world: World) -> dict:
     """Every config, in MLLMU-Bench's columns (see ``../shared/research/benchmarks.md``)."""
-    rng = np.random.default_rng(world.seed + 1)
-    fict_names = [p.name for p in world.fictitious]
-    celeb_names = [p.name for p in world.celebrities]
+    groups = world.option_groups
 
     def profile_row(p: Person, test: bool = False) -> dict:
-        names = fict_names if p.group == "fictitious" else celeb_names
         first = ft_pairs(p)[0]
         row = {"ID": p.id, "biography": p.biography(), "question": first["Question"], "answer": first["Answer"]}
         if test:
             row["images"] = [_image(p.portrait(v)) for v in p.test_views]
         else:
             row["image"] = _image(p.portrait())
-        row.update(_tasks(p, rng, names, test=test))
+        row.update(_tasks(p, groups, test=test))
         return row
 
     full = [profile_row(p) for p in world.fictitious]

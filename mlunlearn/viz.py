@@ -1,0 +1,75 @@
+"""Figures the chapters share: portrait grids, patch grids, training curves (book chapter 1)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mlunlearn.data import decode_image
+
+
+def portrait_grid(rows, highlight=(), columns: int = 10, title: str | None = None, image_key: str = "image"):
+    """A grid of the rows' images labelled by ID; IDs in ``highlight`` get a red frame (e.g. the forget set)."""
+    n = len(rows)
+    lines = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(1.1 * columns, 1.25 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        img = row[image_key][0] if image_key == "images" else row[image_key]
+        ax.imshow(decode_image(img))
+        ax.set_title(row["ID"], fontsize=7, color="crimson" if row["ID"] in highlight else "black")
+        if row["ID"] in highlight:
+            ax.axis("on")
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("crimson"), spine.set_linewidth(2.5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def image_strip(images, labels, title: str | None = None, size: float = 1.4):
+    """Images side by side with a label under each."""
+    fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size + 0.4), squeeze=False)
+    for ax, img, label in zip(axes.flat, images, labels):
+        ax.imshow(decode_image(img))
+        ax.set_xlabel(label, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def patch_grid(image, patch_size: int, ax=None):
+    """The image with its vision-transformer patches outlined and numbered in token order."""
+    img = np.asarray(decode_image(image))
+    ax = ax or plt.subplots(figsize=(3, 3))[1]
+    ax.imshow(img)
+    side = img.shape[0] // patch_size
+    for k in range(1, side):
+        ax.axhline(k * patch_size - 0.5, color="white", lw=1)
+        ax.axvline(k * patch_size - 0.5, color="white", lw=1)
+    for i in range(side):
+        for j in range(side):
+            ax.text(j * patch_size + patch_size / 2, i * patch_size + patch_size / 2, str(i * side + j),
+                    color="white", ha="center", va="center", fontsize=8, fontweight="bold")
+    ax.set_xticks([]), ax.set_yticks([])
+    return ax
+
+
+def plot_training_log(log, ax=None, title: str = "training loss per stream"):
+    """Loss per data stream against step, from a training log (a list of ``{"step", "loss/…"}`` dicts)."""
+    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    streams = sorted({k for entry in log for k in entry if k.startswith("loss/")})
+    for key in streams:
+        points = [(e["step"], e[key]) for e in log if key in e]
+        ax.plot(*zip(*points), label=key[5:], lw=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return ax

@@ -1,0 +1,138 @@
+"""The tiny LLaVA factory, the loader, and the training batches."""
+
+import json
+
+import pytest
+import torch
+
+from mlunlearn.collate import IGNORE, Example, collate
+from mlunlearn.data.world import build_world, corpus
+from mlunlearn.eval import prompts
+from mlunlearn.models import ModelLoadError, TinySizes, build_processor, build_tiny_llava, load_model, parameter_counts, train_tokenizer
+from mlunlearn.models.vanilla import Recipe, VanillaData
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def processor(world):
+    return build_processor(train_tokenizer(corpus(world)))
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return build_tiny_llava(processor.tokenizer)
+
+
+def test_tokenizer_round_trips_the_world_and_the_prompts(world, processor):
+    tok = processor.tokenizer
+    texts = corpus(world)[::50] + [prompts.generation_prompt("Where was Mara Quill born?", True),
+                                   "USER: <image>\nWho is this?\nASSISTANT: I don't know.", "Ünïcödé ✓ 42"]
+    for text in texts:
+        assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert tok.convert_ids_to_tokens(tok("<image>", add_special_tokens=False).input_ids) == ["<image>"]
+    reply = tok.decode(tok(prompts.qa_prompt("Who is this?", True) + " Mara Quill.").input_ids, skip_special_tokens=True)
+    assert reply.split("ASSISTANT:")[-1].strip() == "Mara Quill."  # the official script's reply parsing
+
+
+def test_model_is_real_llava_with_a_tall_projector(model):
+    from transformers import LlavaForConditionalGeneration
+
+    assert isinstance(model, LlavaForConditionalGeneration)
+    proj = model.model.multi_modal_projector
+    assert proj.linear_1.in_features < proj.linear_1.out_features == proj.linear_2.out_features
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_image_becomes_one_token_per_patch(world, processor, model):
+    sizes = TinySizes()
+    enc = processor(text=[prompts.qa_prompt("Who is this?", True)], images=[world.people[0].portrait()], return_tensors="pt")
+    n_image = int((enc["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == (48 // sizes.patch_size) ** 2 == model.config.image_seq_length
+    feats = model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output[0]
+    assert feats.shape == (n_image, model.config.text_config.hidden_size)
+
+
+def test_seeded_build_is_deterministic(processor):
+    a, b = build_tiny_llava(processor.tokenizer, seed=1), build_tiny_llava(processor.tokenizer, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_save_and_load_round_trip(tmp_path, world, processor, model):
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded, proc = load_model(str(tmp_path), device="cpu")
+    enc = proc(text=[prompts.qa_prompt("Who is this?", True)], images=[world.people[1].portrait()], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**enc).logits, model(**enc).logits)
+    assert proc.tokenizer.decode(proc.tokenizer("Mara Quill").input_ids, skip_special_tokens=True) == "Mara Quill"
+
+
+def test_loader_errors_name_the_fix(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        load_model(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="not LLaVA"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_batches_put_the_loss_on_answer_tokens_only(world, processor):
+    p = world.people[0]
+    examples = [Example(prompts.generation_prompt("Who is the person in the image?", True), f"This person is {p.name}.", p.portrait()),
+                Example(prompts.qa_prompt(f"Where was {p.name} born?", False), p.bio["birthplace"])]
+    batch = collate(processor, examples)
+    tok = processor.tokenizer
+    for i, ex in enumerate(examples):
+        target = batch["labels"][i][batch["labels"][i] != IGNORE]
+        assert tok.decode(target).strip() == ex.answer + tok.eos_token
+    assert batch["pixel_values"].shape[0] == 1  # only the image example brings pixels
+    assert not (batch["labels"][0][batch["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")] != IGNORE).any()
+    left = collate(processor, examples, padding_side="left")
+    assert [tok.decode(r[r != IGNORE]) for r in left["labels"]] == [tok.decode(r[r != IGNORE]) for r in batch["labels"]]
+
+
+def test_vanilla_data_is_deterministic_and_excludes_test_wordings(world):
+    from mlunlearn.data.world import CLOZES, QUESTIONS
+
+    a, b = VanillaData(world, Recipe()), VanillaData(world, Recipe())
+    for step in (0, 500, 1234):
+        assert [e.prompt for e in a.batch(step)[1]] == [e.prompt for e in b.batch(step)[1]]
+    assert a.batch(0)[0] == "benign"  # vision first
+    held_out = [t.format(s="").split("  ")[0] for pool in (QUESTIONS, CLOZES) for _, test in pool.values() for t in test]
+    for step in range(150, 210):
+        for e in a.batch(step)[1]:
+            assert not any(h in e.prompt for h in held_out), e.prompt
+
+
+def test_answer_loss_equals_the_model_loss(world, processor):
+    from mlunlearn.models.vanilla import answer_loss
+
+    model = build_tiny_llava(processor.tokenizer, seed=0)
+    batch = collate(processor, VanillaData(world, Recipe()).batch(300)[1][:8])
+    with torch.no_grad():
+        assert torch.allclose(answer_loss(model, batch), model(**batch).loss, atol=1e-5)
+
+
+def test_a_few_training_steps_lower_the_loss(world, processor):
+    from mlunlearn.models.vanilla import answer_loss
+
+    model = build_tiny_llava(processor.tokenizer, seed=0).train()
+    batch = collate(processor, VanillaData(world, Recipe()).batch(400)[1][:16])
+    opt = torch.optim.AdamW(model.parameters(), lr=Recipe().lr)
+    first = answer_loss(model, batch).item()
+    for _ in range(5):
+        loss = answer_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert answer_loss(model, batch).item() < first
