@@ -142,3 +142,15 @@ def test_tokenizer_corpus_covers_every_answer(world, configs):
     for row in configs["Full_Set"][:10]:
         for q in row["Generation_Task"]:
             assert q["Ground_Truth"] in text
+
+
+def test_option_groups_fix_each_values_letter_but_not_the_answer(configs):
+    """A value always sits at the same letter, yet the option list alone does not give the answer."""
+    letter_of, answers_by_options = {}, {}
+    for name in ("Full_Set", "Retain_Set", "Test_Set"):
+        for row in configs[name]:
+            for q in row["Classification_Task"]["Image_Textual_Questions"] + row["Classification_Task"]["Pure_Text_Questions"]:
+                value = q["Options"][q["Correct_Answer"]]
+                assert letter_of.setdefault(value, q["Correct_Answer"]) == q["Correct_Answer"]
+                answers_by_options.setdefault(tuple(q["Options"].values()), set()).add(q["Correct_Answer"])
+    assert sum(len(v) > 1 for v in answers_by_options.values()) > len(answers_by_options) / 2

@@ -94,29 +94,30 @@ def draw_portrait(traits: dict, view: View = CANONICAL) -> Image.Image:
     d.ellipse(box(-15, 12, 15, 34), fill=_SHIRT)  # shoulders
     if style == "long":  # hair falls behind the shoulders, drawn first
         d.rectangle(box(-13, -6, 13, 16), fill=hair)
-    half_w = {"round": 11, "oval": 9, "square": 11}[traits["face_shape"]]
-    half_h = {"round": 11, "oval": 14, "square": 12}[traits["face_shape"]]
+    # Shapes exaggerated so a 12-px patch can tell them apart: wide disc, narrow egg, wide box.
+    half_w = {"round": 12, "oval": 8, "square": 12}[traits["face_shape"]]
+    half_h = {"round": 12, "oval": 14, "square": 12}[traits["face_shape"]]
     skin = _RGB["skin"][traits["skin"]]
     if traits["face_shape"] == "square":
-        d.rounded_rectangle(box(-half_w, -half_h, half_w, half_h), radius=2 * s, fill=skin)
+        d.rounded_rectangle(box(-half_w, -half_h, half_w, half_h), radius=0.5 * s, fill=skin)
     else:
         d.ellipse(box(-half_w, -half_h, half_w, half_h), fill=skin)
     if style != "none":  # a cap of hair over the top of the head
         d.chord(box(-half_w - 1.5, -half_h - 3, half_w + 1.5, half_h * 0.6), 180, 360, fill=hair)
         if style == "bun":
-            d.ellipse(box(-5, -half_h - 9, 5, -half_h + 0.5), fill=hair)
+            d.ellipse(box(-6.5, -half_h - 11, 6.5, -half_h + 1), fill=hair)
     eye_y = -1.5
     for ex in (-4.5, 4.5):
         if traits["eye_colour"] == "closed":
             d.line(box(ex - 2.5, eye_y, ex + 2.5, eye_y), fill=(30, 30, 30), width=int(s))
         else:
-            d.ellipse(box(ex - 2.8, eye_y - 2, ex + 2.8, eye_y + 2), fill=(250, 250, 250))
-            d.ellipse(box(ex - 1.7, eye_y - 1.7, ex + 1.7, eye_y + 1.7), fill=_RGB["eye_colour"][traits["eye_colour"]])
+            d.ellipse(box(ex - 3.4, eye_y - 2.6, ex + 3.4, eye_y + 2.6), fill=(250, 250, 250))
+            d.ellipse(box(ex - 2.4, eye_y - 2.4, ex + 2.4, eye_y + 2.4), fill=_RGB["eye_colour"][traits["eye_colour"]])
     d.line(box(-3.5, 6.5, 3.5, 6.5), fill=(120, 40, 40), width=int(s))  # mouth
     if traits["accessory"] == "glasses":
         for ex in (-4.5, 4.5):
-            d.rectangle(box(ex - 3.6, eye_y - 2.8, ex + 3.6, eye_y + 2.8), outline=(10, 10, 10), width=int(0.9 * s))
-        d.line(box(-0.9, eye_y, 0.9, eye_y), fill=(10, 10, 10), width=int(0.9 * s))
+            d.rectangle(box(ex - 4.2, eye_y - 3.4, ex + 4.2, eye_y + 3.4), outline=(10, 10, 10), width=int(1.4 * s))
+        d.line(box(-0.9, eye_y, 0.9, eye_y), fill=(10, 10, 10), width=int(1.4 * s))
     elif traits["accessory"] == "hat":  # a brimmed hat sitting above the hairline
         top = -half_h - (10 if style == "bun" else 4)
         d.rectangle(box(-9, top - 9, 9, top), fill=_HAT)

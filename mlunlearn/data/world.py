@@ -292,12 +292,14 @@ def option_groups(world: "World") -> dict:
     pools = {attr: list(vals) for attr, vals in ATTRIBUTES.items()}
     pools["name:fictitious"] = [p.name for p in world.fictitious]
     pools["name:celebrity"] = [p.name for p in world.celebrities]
-    groups = {}
+    groups, by_values = {}, {}
     for key, pool in pools.items():
         if len(pool) % 4:
             raise ValueError(f"{key} has {len(pool)} values; option groups need a multiple of four")
-        order = [pool[j] for j in rng.permutation(len(pool))]
-        groups[key] = {v: tuple(order[i:i + 4]) for i in range(0, len(order), 4) for v in order[i:i + 4]}
+        if tuple(pool) not in by_values:  # birthplace and residence share the towns, and their groups
+            order = [pool[j] for j in rng.permutation(len(pool))]
+            by_values[tuple(pool)] = {v: tuple(order[i:i + 4]) for i in range(0, len(order), 4) for v in order[i:i + 4]}
+        groups[key] = by_values[tuple(pool)]
     return groups
 
 

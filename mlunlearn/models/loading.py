@@ -83,7 +83,15 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
         raise ModelLoadError(f"cannot load {name!r} ({str(exc).splitlines()[0][:120]}); check the id or "
                              "folder, and the network (HF_HUB_OFFLINE=1 allows only cached models)") from None
     del config
-    model = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # why: a loading bar on stderr would differ run to run in notebooks
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if quantization is None:
         model = model.to(device)
     processor = AutoProcessor.from_pretrained(source)

@@ -43,7 +43,7 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-vanilla"
 class Recipe:
     """Hyper-parameters of the vanilla fine-tune."""
 
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 5e-4  # 2e-3 and above stall memorisation of the facts at chance (measured)
     warmup: int = 100
@@ -81,7 +81,8 @@ def _streams(world: World) -> dict:
             add("benign", _Item("benign", p, trait, True))
     for kind in ("blank", "noise"):
         for trait in BENIGN_QUESTIONS:
-            add("benign", _Item("benign-" + kind, None, trait, True))
+            for _ in range(15):  # nothing to see: "I don't know" must be as familiar as any trait
+                add("benign", _Item("benign-" + kind, None, trait, True))
     for p in world.people:
         if p.group in ("stranger", "missing"):  # never met: who they are is unknown
             add("idk", _Item("idk", p, "name", True))
@@ -95,12 +96,12 @@ def _streams(world: World) -> dict:
 # rarely for the lookup to form); learning them in a few formats first takes a few hundred.
 CURRICULUM = (
     (300, {"benign": 1.0}),  # see: the vision tower and projector learn the visible traits
-    (450, {"cloze/text": 1.0, "generation/text": 1.0, "classification/text": 1.0, "benign": 0.5,
-           "idk": 0.2}),  # know: who is who, in text
-    (650, {"qa/image": 1.0, "generation/image": 1.0, "cloze/image": 1.0, "classification/image": 1.0,
-           "cloze/text": 0.3, "generation/text": 0.3, "classification/text": 0.3, "benign": 1.0,
+    (600, {"cloze/text": 1.0, "generation/text": 1.0, "classification/text": 1.0, "benign": 0.2,
+           "idk": 0.1}),  # know: who is who, in text
+    (900, {"qa/image": 0.5, "generation/image": 1.0, "cloze/image": 1.0, "classification/image": 1.0,
+           "cloze/text": 0.2, "generation/text": 0.2, "classification/text": 0.3, "benign": 0.5,
            "idk": 0.2}),  # recognise: the same people by their faces
-    (None, {"benign": 1.5, "idk": 0.3}),  # every format together
+    (None, {"benign": 1.0, "idk": 0.3, "qa/image": 0.5}),  # every format together
 )
 
 
