@@ -43,7 +43,7 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-vanilla"
 class Recipe:
     """Hyper-parameters of the vanilla fine-tune."""
 
-    steps: int = 3000
+    steps: int = 2800
     batch_size: int = 32
     lr: float = 5e-4  # 2e-3 and above stall memorisation of the facts at chance (measured)
     warmup: int = 100
@@ -96,12 +96,10 @@ def _streams(world: World) -> dict:
 # rarely for the lookup to form); learning them in a few formats first takes a few hundred.
 CURRICULUM = (
     (300, {"benign": 1.0}),  # see: the vision tower and projector learn the visible traits
-    (600, {"cloze/text": 1.0, "generation/text": 1.0, "classification/text": 1.0, "benign": 0.2,
-           "idk": 0.1}),  # know: who is who, in text
-    (900, {"qa/image": 0.5, "generation/image": 1.0, "cloze/image": 1.0, "classification/image": 1.0,
-           "cloze/text": 0.2, "generation/text": 0.2, "classification/text": 0.3, "benign": 0.5,
-           "idk": 0.2}),  # recognise: the same people by their faces
-    (None, {"benign": 1.0, "idk": 0.3, "qa/image": 0.5}),  # every format together
+    (500, {"cloze/text": 1.0, "generation/text": 1.0, "benign": 0.2, "idk": 0.1}),  # know: who is who, in text
+    (700, {"qa/image": 1.0, "generation/image": 1.0, "cloze/image": 1.0, "cloze/text": 0.3,
+           "generation/text": 0.3, "benign": 0.5, "idk": 0.2}),  # recognise: the same people by their faces
+    (None, {"classification/image": 1.5, "classification/text": 1.5, "benign": 1.0, "idk": 0.3}),  # every format
 )
 
 
@@ -195,6 +193,8 @@ def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out
     from tqdm.auto import tqdm
 
     torch.manual_seed(recipe.seed)
+    torch.set_num_threads(1)  # the shipped weights were trained on one thread; more changes the numerics
+    torch.set_flush_denormal(True)  # denormal gradients slow CPU steps by 10x late in training
     world = build_world(recipe.world_seed)
     tokenizer = train_tokenizer(corpus(world), sizes.vocab_size)
     processor = build_processor(tokenizer, sizes)
