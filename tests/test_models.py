@@ -136,3 +136,16 @@ def test_a_few_training_steps_lower_the_loss(world, processor):
         loss.backward()
         opt.step()
     assert answer_loss(model, batch).item() < first
+
+
+def test_per_example_answer_nll_matches_the_loss_of_each_example(world, processor):
+    from mlunlearn.collate import answer_nll
+    from mlunlearn.models.vanilla import answer_loss
+
+    model = build_tiny_llava(processor.tokenizer, seed=0)
+    examples = VanillaData(world, Recipe()).batch(900)[1][:3]
+    with torch.no_grad():
+        together = answer_nll(model, collate(processor, examples))
+        alone = [answer_loss(model, collate(processor, [e])) for e in examples]
+    assert together.shape == (3,)
+    assert torch.allclose(together, torch.stack(alone), atol=1e-4)

@@ -145,7 +145,7 @@ class VanillaData:
 
     def __init__(self, world: World, recipe: Recipe, curriculum=CURRICULUM):
         self.streams = _streams(world)
-        self.names = world.option_groups
+        self.groups = world.option_groups
         self.recipe = recipe
         self.phases, start = [], 0
         for i, (length, weights) in enumerate(curriculum):
@@ -164,7 +164,7 @@ class VanillaData:
         stream = self.stream_of(step, rng)
         items = self.streams[stream]
         picks = rng.integers(len(items), size=self.recipe.batch_size)
-        return stream, [_example(items[int(j)], rng, self.names) for j in picks]
+        return stream, [_example(items[int(j)], rng, self.groups) for j in picks]
 
 
 def answer_loss(model, batch) -> torch.Tensor:
