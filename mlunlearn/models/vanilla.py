@@ -43,7 +43,7 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-vanilla"
 class Recipe:
     """Hyper-parameters of the vanilla fine-tune."""
 
-    steps: int = 2800
+    steps: int = 3300
     batch_size: int = 32
     lr: float = 5e-4  # 2e-3 and above stall memorisation of the facts at chance (measured)
     warmup: int = 100
