@@ -2,7 +2,7 @@
 
 MLLMU-Bench (arXiv 2410.22108) has 500 fictitious profiles, each a portrait plus a biography, 153 real
 celebrities whose knowledge must survive unlearning, and a ``Test_Set`` of transformed views with
-paraphrased questions. This world is the same at 1/5 scale: 100 fictitious profiles, 30 "celebrities"
+paraphrased questions. This world is the same at 1/5 scale: 100 fictitious profiles, 32 "celebrities"
 (the ``Retain_Set`` analogue), test views, and the four tasks (classification, generation, cloze) in
 both modalities, with the benchmark's exact field names. It adds what the benchmark lacks and
 unlearning needs to be judged fairly: benign visual questions about every portrait, and inputs for
