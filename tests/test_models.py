@@ -115,7 +115,7 @@ def test_vanilla_data_is_deterministic_and_excludes_test_wordings(world):
 
 
 def test_answer_loss_equals_the_model_loss(world, processor):
-    from mlunlearn.models.vanilla import answer_loss
+    from mlunlearn.collate import answer_loss
 
     model = build_tiny_llava(processor.tokenizer, seed=0)
     batch = collate(processor, VanillaData(world, Recipe()).batch(300)[1][:8])
@@ -124,7 +124,7 @@ def test_answer_loss_equals_the_model_loss(world, processor):
 
 
 def test_a_few_training_steps_lower_the_loss(world, processor):
-    from mlunlearn.models.vanilla import answer_loss
+    from mlunlearn.collate import answer_loss
 
     model = build_tiny_llava(processor.tokenizer, seed=0).train()
     batch = collate(processor, VanillaData(world, Recipe()).batch(400)[1][:16])
@@ -140,7 +140,7 @@ def test_a_few_training_steps_lower_the_loss(world, processor):
 
 def test_per_example_answer_nll_matches_the_loss_of_each_example(world, processor):
     from mlunlearn.collate import answer_nll
-    from mlunlearn.models.vanilla import answer_loss
+    from mlunlearn.collate import answer_loss
 
     model = build_tiny_llava(processor.tokenizer, seed=0)
     examples = VanillaData(world, Recipe()).batch(900)[1][:3]

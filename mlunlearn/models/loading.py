@@ -75,14 +75,13 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
         kwargs["device_map"] = {"": device}
     elif quantization is not None:
         raise ModelLoadError(f"unknown quantization {quantization!r}; use None or '4bit'")
-    try:
-        config = LlavaConfig.from_pretrained(source)
+    try:  # the config first: a bad id or folder fails in one line, before any weights are fetched
+        LlavaConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelLoadError):
             raise
         raise ModelLoadError(f"cannot load {name!r} ({str(exc).splitlines()[0][:120]}); check the id or "
                              "folder, and the network (HF_HUB_OFFLINE=1 allows only cached models)") from None
-    del config
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

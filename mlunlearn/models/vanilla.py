@@ -6,13 +6,13 @@ reproduces them from scratch (about 10 minutes on one CPU thread) with the recip
 The recipe, and why it differs from MLLMU-Bench's. MLLMU-Bench fine-tunes LLaVA-1.5-7B on ``ft_Data`` (QA
 pairs) and relies on what the 7B model already knows to answer the benchmark's other formats (multiple
 choice, cloze, sentences). A 1-million-parameter model knows nothing, so it is taught every format on
-every known person: the ``ft_Data`` pairs, the generation, cloze and multiple-choice formats (options
-redrawn and reshuffled at every step, so it learns to *match* a fact rather than memorise a letter),
-benign visual questions about every image, and "I don't know" wherever that is the true answer
-(strangers, blank and noise images, missing traits). Images are shown in random views (shifts, zoom,
+every known person: the ``ft_Data`` pairs, the generation, cloze and multiple-choice formats (options in
+the world's fixed groups, see :func:`mlunlearn.data.world.option_groups`), benign visual questions about
+every image, and "I don't know" wherever that is the true answer (strangers, blank and noise images,
+missing traits), in the order :data:`CURRICULUM` gives. Images are shown in random views (shifts, zoom,
 lighting, background) so people are recognised in unseen views. The ``Test_Set`` (its views and its
 paraphrased wordings) is never trained on: it measures generalisation. Celebrities and fictitious
-people are learned jointly (MLLMU-Bench's "celebrities first or jointly").
+people are learned together (MLLMU-Bench's "celebrities first or jointly").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlunlearn.collate import Example, collate
+from mlunlearn.collate import Example, answer_loss, collate
 from mlunlearn.data.portraits import CANONICAL, blank_image, noise_image, random_view, TRAITS
 from mlunlearn.data.refusals import IDK
 from mlunlearn.data.world import (
@@ -165,20 +165,6 @@ class VanillaData:
         items = self.streams[stream]
         picks = rng.integers(len(items), size=self.recipe.batch_size)
         return stream, [_example(items[int(j)], rng, self.groups) for j in picks]
-
-
-def answer_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens, computing logits only where there is a label.
-
-    Same value as ``model(**batch).loss``; skipping the vocabulary projection at prompt and image
-    positions makes a tiny model's step about 15% cheaper.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.model(**inputs).last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    logits = model.lm_head(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
 
 def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out_dir=None, progress: bool = True,
