@@ -1,6 +1,8 @@
 """The ``mlunlearn`` command line.
 
     mlunlearn eval --model tiny --data toyworld --forget 5 --output results.json
+    mlunlearn methods
+    mlunlearn unlearn --model tiny --data toyworld --forget 5 --method npo --set lr=1e-3 --output runs/npo
 
 Subcommands are registered in :func:`build_parser`; each has a ``run(args)`` function. Errors a user can
 fix (a bad model path, a missing config or column, an unreadable image) print one line on stderr and exit
@@ -43,11 +45,90 @@ def _add_eval(subparsers) -> None:
     p.set_defaults(run=run_eval)
 
 
+def _add_methods(subparsers) -> None:
+    p = subparsers.add_parser("methods", help="list the registered unlearning methods",
+                              description="List the registered unlearning methods, one line each.")
+    p.add_argument("--verbose", action="store_true", help="also list each method's hyper-parameters and defaults")
+    p.set_defaults(run=run_methods)
+
+
+def _add_unlearn(subparsers) -> None:
+    p = subparsers.add_parser(
+        "unlearn", help="unlearn a forget set with a registered method and save the result",
+        description="Unlearn forget_N with a method; write the model and run.json (config, seed, steps, "
+                    "timings, loss curves) to --output. Settings are method hyper-parameters (see "
+                    "`mlunlearn methods --verbose`) or engine settings (lr, epochs, max_steps, batch_size, "
+                    "grad_accum, seed, precision, save_steps, resume, ...).")
+    p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
+    p.add_argument("--data", default="toyworld",
+                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder> (default: toyworld)")
+    p.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget percentage (default: 5)")
+    p.add_argument("--method", required=True, help="a registered method (see `mlunlearn methods`)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1")
+    p.add_argument("--output", required=True, help="folder for the model, checkpoints and run.json")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
+    p.add_argument("--quantization", default=None, choices=("4bit",), help="load the model in 4 bits (GPU)")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=run_unlearn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlunlearn", description="Machine unlearning for LLaVA-1.5.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_eval(subparsers)
+    _add_methods(subparsers)
+    _add_unlearn(subparsers)
     return parser
+
+
+def run_methods(args) -> int:
+    """Print ``name  summary`` for each registered method."""
+    from mlunlearn.methods import METHODS, describe
+
+    width = max(len(n) for n, _ in describe())
+    for name, summary in describe():
+        print(f"{name:<{width}}  {summary}")
+        if args.verbose:
+            settings = ", ".join(f"{k}={v}" for k, v in METHODS[name].hyperparameters().items())
+            print(f"{'':<{width}}  settings: {settings}")
+    return 0
+
+
+def parse_settings(pairs: list) -> dict:
+    """``["lr=1e-3", "beta=0.1"]`` → ``{"lr": "1e-3", "beta": "0.1"}``; a malformed pair is a user error."""
+    from mlunlearn.methods import MethodError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MethodError(f"--set {pair!r} is not KEY=VALUE (e.g. --set lr=1e-3)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run_unlearn(args) -> int:
+    """Unlearn, save, and print where the run went."""
+    from mlunlearn.data import open_benchmark
+    from mlunlearn.engine import UnlearnConfig, split_settings, unlearn
+    from mlunlearn.methods import get_method
+    from mlunlearn.models import load_model
+    from mlunlearn.utils import set_seed
+
+    method_kw, engine_kw = split_settings(parse_settings(args.settings), args.method)
+    method = get_method(args.method, **method_kw)  # bad values fail before anything loads
+    config = UnlearnConfig(**{**engine_kw, "progress": not args.no_progress and engine_kw.get("progress", True)})
+    set_seed(config.seed, threads=args.threads)
+    bench = open_benchmark(args.data)
+    model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
+    result = unlearn(model, bench, args.forget, method, config, output=args.output, processor=processor)
+    run = result.run
+    print(f"{run['method']}: {run['steps']} steps in {run['seconds']['total']} s, "
+          f"{run['trainable_parameters']:,} trainable parameters; wrote {args.output}/run.json and "
+          f"{args.output}/{run.get('saved', 'model')}")
+    return 0
 
 
 def run_eval(args) -> int:
@@ -92,9 +173,12 @@ def run_eval(args) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete, one-line explanation with a fix."""
     from mlunlearn.data import BenchmarkError
+    from mlunlearn.data.unlearning import UnlearningDataError
+    from mlunlearn.engine import NonFiniteLossError
+    from mlunlearn.methods import MethodError
     from mlunlearn.models import ModelLoadError
 
-    return BenchmarkError, ModelLoadError
+    return BenchmarkError, ModelLoadError, MethodError, UnlearningDataError, NonFiniteLossError
 
 
 def _positive(text: str) -> int:

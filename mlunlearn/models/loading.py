@@ -62,6 +62,8 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
             if not path.is_dir():
                 raise ModelLoadError(f"no model folder at {path}; pass 'tiny', a Hugging Face id, or a folder "
                                      "written by save_pretrained")
+            if (path / "run.json").is_file():  # an `mlunlearn unlearn` output folder
+                return _load_run(path, device, dtype, quantization, attn_implementation)
             _check_llava(path)
         source = str(path) if looks_local else name
     kwargs = {"dtype": dtype}
@@ -94,6 +96,22 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     if quantization is None:
         model = model.to(device)
     processor = AutoProcessor.from_pretrained(source)
+    return model.eval(), processor
+
+
+def _load_run(path: Path, device, dtype, quantization, attn_implementation):
+    """The model an unlearning run saved: ``model/`` as is, or its base model with ``adapter/`` applied."""
+    if (path / "model" / "config.json").is_file():
+        return load_model(str(path / "model"), device, dtype, quantization, attn_implementation)
+    if not (path / "adapter" / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{path} has a run.json but neither model/ nor adapter/; was the run interrupted?")
+    from peft import PeftModel
+
+    base = json.loads((path / "run.json").read_text())["model"]
+    model, processor = load_model(base, device, dtype, quantization, attn_implementation)
+    model = PeftModel.from_pretrained(model, str(path / "adapter"))
+    if quantization is None:
+        model = model.merge_and_unload()
     return model.eval(), processor
 
 

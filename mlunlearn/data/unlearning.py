@@ -1,0 +1,142 @@
+"""The data an unlearning run trains on: forget and retain examples, paired per step (book chapter 2).
+
+What we forget is what fine-tuning taught: the ``ft_Data`` question-answer pairs (image + question →
+answer) of the people in ``forget_{N}``; the retain examples are the ``ft_Data`` pairs of the people in
+``retain_{100-N}``. This is MLLMU-Bench's setting, and it reads the real benchmark and the synthetic world
+alike. The other formats (multiple choice, cloze, text-only questions) are never trained on: whether
+forgetting transfers to them is part of what the evaluation measures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from mlunlearn.collate import Example, collate
+from mlunlearn.data.bench import BenchmarkError, decode_image, require_columns
+from mlunlearn.data.refusals import REFUSALS
+from mlunlearn.eval import prompts
+
+
+class UnlearningDataError(ValueError):
+    """The forget/retain data cannot make a valid run (empty, overlapping, malformed)."""
+
+
+@dataclass
+class UnlearningData:
+    """Forget and retain examples, plus the derived examples some methods need (same order as ``forget``).
+
+    ``forget_refusal[i]``: forget question i answered with a refusal (PO); ``pd[i]``: forget question i
+    asked about another (retain) person's image, answered as the original model answered it (Prompt
+    Decouple); filled by :func:`add_prompt_decouple`.
+    """
+
+    forget: list
+    retain: list
+    forget_ids: list
+    retain_ids: list
+    forget_refusal: list | None = None
+    pd: list | None = None
+
+    def summary(self) -> str:
+        return (f"{len(self.forget)} forget examples ({len(self.forget_ids)} people), "
+                f"{len(self.retain)} retain examples ({len(self.retain_ids)} people)")
+
+
+def _pairs(rows: list, config: str) -> list:
+    require_columns(rows, ("image", "ID", "metadata"), config)
+    out = []
+    for row in rows:
+        meta = row["metadata"]
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        image = decode_image(row["image"])
+        for qa in meta:
+            out.append((row["ID"], Example(prompts.qa_prompt(qa["Question"], True), qa["Answer"], image)))
+    return out
+
+
+def unlearning_data(bench, forget: int = 5) -> UnlearningData:
+    """Forget/retain examples for ``forget_{forget}`` of a benchmark (:func:`mlunlearn.data.open_benchmark`)."""
+    forget_cfg, retain_cfg = f"forget_{forget}", f"retain_{100 - forget}"
+    forget_ids = [r["ID"] for r in bench.load(forget_cfg)]
+    retain_ids = [r["ID"] for r in bench.load(retain_cfg)]
+    if not forget_ids:
+        raise UnlearningDataError(f"{forget_cfg} of {bench.name} is empty: there is nothing to forget; "
+                                  "check the benchmark folder")
+    overlap = sorted(set(forget_ids) & set(retain_ids))
+    if overlap:
+        raise UnlearningDataError(f"{len(overlap)} people are in both {forget_cfg} and {retain_cfg} "
+                                  f"(IDs {', '.join(overlap[:5])}); the forget and retain sets must be disjoint")
+    pairs = _pairs(bench.load("ft_Data"), "ft_Data")
+    f_set, r_set = set(forget_ids), set(retain_ids)
+    data = UnlearningData(forget=[e for i, e in pairs if i in f_set], retain=[e for i, e in pairs if i in r_set],
+                          forget_ids=forget_ids, retain_ids=retain_ids)
+    if not data.forget:
+        raise UnlearningDataError(f"ft_Data of {bench.name} has no question-answer pairs for the people of "
+                                  f"{forget_cfg}; is ft_Data complete?")
+    if not data.retain:
+        raise UnlearningDataError(f"ft_Data of {bench.name} has no pairs for {retain_cfg}: nothing to retain")
+    return data
+
+
+def add_refusals(data: UnlearningData) -> UnlearningData:
+    """Pair each forget question with a refusal answer (cycling through :data:`REFUSALS`)."""
+    data.forget_refusal = [Example(e.prompt, REFUSALS[i % len(REFUSALS)], e.image) for i, e in enumerate(data.forget)]
+    return data
+
+
+def add_prompt_decouple(data: UnlearningData, model, processor, batch_size: int = 8) -> UnlearningData:
+    """SafeEraser's Prompt Decouple examples: forget question i, asked about a retain person's image,
+    answered with the original model's own greedy reply (SafeEraser's ``sd_response``).
+
+    Called before training, so the replies are the vanilla model's. The retain image is chosen
+    deterministically (spread over the retain people).
+    """
+    from mlunlearn.eval.protocol import generate_replies
+
+    images = [e.image for e in data.retain]
+    step = max(1, len(images) // max(1, len(data.forget)))
+    others = [images[(i * step + step // 2) % len(images)] for i in range(len(data.forget))]
+    replies = generate_replies(model, processor, [e.prompt for e in data.forget], [[im] for im in others],
+                               batch_size=batch_size, max_new_tokens=50)
+    data.pd = [Example(e.prompt, r.strip(), im) for e, im, r in zip(data.forget, others, replies)]
+    return data
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Indexed by the forget set: item i is forget example i with a retain example drawn at random.
+
+    The retain draw uses torch's global generator, which the Trainer seeds and checkpoints, so a run
+    is reproducible and resumes exactly.
+    """
+
+    def __init__(self, data: UnlearningData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.forget)
+
+    def __getitem__(self, i: int) -> dict:
+        d = self.data
+        item = {"forget": d.forget[i], "retain": d.retain[int(torch.randint(len(d.retain), ()).item())]}
+        if d.forget_refusal is not None:
+            item["forget_refusal"] = d.forget_refusal[i]
+        if d.pd is not None:
+            item["pd"] = d.pd[i]
+        return item
+
+
+class PairedCollator:
+    """A list of items → ``{key: LLaVA batch}`` (one collated batch per key)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items: list) -> dict:
+        return {key: collate(self.processor, [it[key] for it in items]) for key in items[0]}
+
+
+__all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "UnlearningData", "UnlearningDataError",
+           "add_prompt_decouple", "add_refusals", "unlearning_data"]
