@@ -155,9 +155,33 @@ def test_train_vanilla_is_deterministic(tmp_path):
     """Same recipe, same weights: the shipped model is reproducible bit for bit (here on 6 steps)."""
     from mlunlearn.models import train_vanilla
 
-    recipe = Recipe(steps=6, batch_size=4, warmup=2)
+    recipe = Recipe(steps=6, batch_size=4, warmup=2, vision_steps=3, vision_batch_size=4)
     a, _, log = train_vanilla(recipe, progress=False, log_every=3)
     b, _, _ = train_vanilla(recipe, progress=False, log_every=3, out_dir=tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert [e["step"] for e in log] == [3, 6] and (tmp_path / "model.safetensors").is_file()
     assert json.loads((tmp_path / "training.json").read_text())["recipe"]["steps"] == 6
+
+
+def test_vision_pretraining_teaches_the_tower_and_llava_training_keeps_it_frozen():
+    """Stage 0 moves only the vision tower; the LLaVA stages leave it exactly as stage 0 left it."""
+    from mlunlearn.data.world import build_world, corpus
+    from mlunlearn.models import TinySizes, build_processor, build_tiny_llava, train_tokenizer, train_vanilla
+    from mlunlearn.models.vanilla import pretrain_vision
+
+    recipe = Recipe(steps=3, batch_size=4, warmup=1, vision_steps=3, vision_batch_size=4)
+    sizes = TinySizes()
+    torch.manual_seed(recipe.seed)
+    world = build_world(recipe.world_seed)
+    tokenizer = train_tokenizer(corpus(world), sizes.vocab_size)
+    model = build_tiny_llava(tokenizer, sizes, seed=recipe.seed)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = pretrain_vision(model, build_processor(tokenizer, sizes), world, recipe)
+    assert len(losses) == 3
+    after = model.state_dict()
+    changed = {k for k in fresh if not torch.equal(fresh[k], after[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed)
+    trained, _, _ = train_vanilla(recipe, progress=False)
+    final = trained.state_dict()
+    assert all(torch.equal(after[k], final[k]) for k in after if k.startswith("model.vision_tower."))
+    assert not torch.equal(after["model.multi_modal_projector.linear_1.weight"], final["model.multi_modal_projector.linear_1.weight"])

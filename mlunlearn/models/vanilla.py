@@ -50,6 +50,11 @@ class Recipe:
     weight_decay: float = 0.0
     seed: int = 0
     world_seed: int = 0
+    # Stage 0, the tiny world's "CLIP pre-training": the vision tower alone learns to read the traits.
+    vision_steps: int = 1000
+    vision_lr: float = 2e-3
+    vision_batch_size: int = 64
+    freeze_vision: bool = True  # then frozen, as LLaVA-1.5 keeps its CLIP tower frozen
 
 
 # An item is a recipe for one example; the view, options and wording are drawn when it is sampled.
@@ -134,6 +139,44 @@ def _example(item: _Item, rng: np.random.Generator, groups: dict) -> Example:
     raise ValueError(item.kind)
 
 
+def pretrain_vision(model, processor, world: World, recipe: Recipe, progress: bool = False) -> list[float]:
+    """Stage 0: teach the vision tower to see, as CLIP is pre-trained before LLaVA ever uses it.
+
+    Linear heads (discarded afterwards) classify each trait of :data:`TRAITS` from the mean of the patch
+    features the projector reads (``vision_feature_layer``), on random views of every portrait. Learning
+    the same traits end to end through the language model is far slower: after 600 steps of benign
+    questions alone, face shape and eye colour were still at chance, while 1000 steps of this stage (under
+    a minute) read every trait at 97-100% on unseen views (measured; book chapter 1). Returns the losses.
+    """
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    names = list(TRAITS)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    heads = torch.nn.ModuleList(torch.nn.Linear(tower.config.hidden_size, len(TRAITS[n])) for n in names)
+    for h in heads:  # seeded apart from the model's own initialisation
+        torch.nn.init.normal_(h.weight, std=0.02, generator=gen)
+        torch.nn.init.zeros_(h.bias)
+    people = [p for p in world.people if p.group != "missing"]
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=recipe.vision_lr, weight_decay=0.0)
+    losses = []
+    for step in tqdm(range(recipe.vision_steps), desc="vision", disable=not progress):
+        rng = np.random.default_rng([recipe.seed, 10**9 + step])
+        picks = [people[int(i)] for i in rng.integers(len(people), size=recipe.vision_batch_size)]
+        views = [random_view(rng, change_background=0.5) for _ in picks]
+        shown = [dict(p.traits, background=v.background or p.traits["background"]) for p, v in zip(picks, views)]
+        target = torch.tensor([[TRAITS[n].index(t[n]) for n in names] for t in shown])
+        pixels = processor.image_processor([p.portrait(v) for p, v in zip(picks, views)], return_tensors="pt")["pixel_values"]
+        feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)  # CLS dropped, as LLaVA does
+        loss = sum(torch.nn.functional.cross_entropy(h(feats), target[:, i]) for i, h in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 class VanillaData:
     """The training batches: batch ``step`` is a deterministic function of ``(seed, step)``.
 
@@ -185,18 +228,25 @@ def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out
     tokenizer = train_tokenizer(corpus(world), sizes.vocab_size)
     processor = build_processor(tokenizer, sizes)
     model = build_tiny_llava(tokenizer, sizes, seed=recipe.seed).train()
+    t_start = time.time()
+    vision_losses = pretrain_vision(model, processor, world, recipe, progress=progress)
+    if on_log is not None and vision_losses:
+        on_log({"step": 0, "seconds": round(time.time() - t_start, 1), "loss/vision-pretraining": round(float(np.mean(vision_losses[-100:])), 4)})
+    if recipe.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     data = VanillaData(world, recipe)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
                                               * 0.5 * (1 + np.cos(np.pi * min(s, recipe.steps) / recipe.steps)))
-    log, t0, running = [], time.time(), {}
+    log, t0, running = [], t_start, {}
     bar = tqdm(range(recipe.steps), desc="vanilla", disable=not progress)
     for step in bar:
         stream, examples = data.batch(step)
         loss = answer_loss(model, collate(processor, examples))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         running.setdefault(stream, []).append(loss.item())
@@ -210,7 +260,8 @@ def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out
             running = {}
     model.eval()
     if out_dir is not None:
-        save_vanilla(model, processor, out_dir, {"recipe": recipe.__dict__, "sizes": sizes.__dict__, "log": log})
+        save_vanilla(model, processor, out_dir, {"recipe": recipe.__dict__, "sizes": sizes.__dict__, "log": log,
+                                                 "vision_pretraining_loss": [round(x, 4) for x in vision_losses[::10]]})
     return model, processor, log
 
 
