@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,14 +200,20 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
     return data
 
 
+# transformers 5.23's Trainer calls its own deprecated `is_gradient_checkpointing` on peft models: a warning
+# about transformers' internals, not about anything the user did.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
 def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config: UnlearnConfig | None = None,
-            output: str | Path | None = None, processor=None, **hparams) -> UnlearnResult:
+            output: str | Path | None = None, processor=None, callbacks=None, **hparams) -> UnlearnResult:
     """Unlearn ``forget_{forget}`` of ``data`` from ``model`` with ``method``.
 
     ``model``: a name for :func:`mlunlearn.models.load_model` or a loaded model (then pass ``processor``).
     ``data``: a source for :func:`mlunlearn.data.open_benchmark` or a :class:`Benchmark`.
     ``method``: a registered name (with ``**hparams``) or a :class:`Method`. ``output``: a folder to write
-    the model (``model/``, or ``adapter/`` when not merged), checkpoints and ``run.json``.
+    the model (``model/``, or ``adapter/`` when not merged), checkpoints and ``run.json``. ``callbacks``:
+    extra ``transformers.TrainerCallback`` objects (e.g. :class:`mlunlearn.analysis.ProjectorMonitor`).
     The loaded model is modified in place (pass a copy to keep the original).
     """
     from mlunlearn.data import open_benchmark
@@ -254,7 +261,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     timing = _Timing()
     trainer = UnlearnTrainer(model=model, args=args, train_dataset=PairedDataset(examples),
                              data_collator=PairedCollator(processor), method=method, reference=reference,
-                             callbacks=[timing])
+                             callbacks=[timing, *(callbacks or [])])
     if not config.progress:  # without a bar the Trainer prints every log dict: keep notebooks quiet
         from transformers.trainer_callback import PrinterCallback
 
@@ -267,7 +274,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     finally:
         for h in hooks:
             h.remove()
-    model = trainer.model.eval()
+    model = method.finalize(trainer.model).eval()
     log = [dict(r) for r in trainer.state.log_history]
     if config.merge and hasattr(model, "merge_and_unload") and not getattr(model, "is_loaded_in_4bit", False):
         model = model.merge_and_unload()

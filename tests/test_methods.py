@@ -70,8 +70,9 @@ def test_ga_raises_forget_nll(vanilla, data):
 def test_graddiff_raises_forget_nll_and_loses_less_retain_than_ga(vanilla, data):
     model, processor = vanilla
     gd, ga = _run(vanilla, "graddiff").model, _run(vanilla, "ga").model
-    assert _nll(gd, processor, data.forget) > _nll(model, processor, data.forget) + 1.0
-    assert _nll(gd, processor, data.retain[:64]) < _nll(ga, processor, data.retain[:64])
+    before = _nll(model, processor, data.forget)
+    assert _nll(gd, processor, data.forget) > 10 * before + 0.2  # ascent on the forget answers works...
+    assert _nll(gd, processor, data.retain[:64]) < _nll(ga, processor, data.retain[:64])  # ...and retain is held
 
 
 def test_kl_starts_at_zero_and_keeps_retain_closer_than_graddiff(vanilla, data):
@@ -153,21 +154,26 @@ def test_reference_needs_no_second_copy(vanilla):
     model, processor = vanilla
     lora = get_method("kl").prepare(copy.deepcopy(model))
     assert Reference(lora).extra_parameters() == 0 and Reference(lora).kind == "adapters disabled"
+    both = get_method("kl", params="lora+projector").prepare(copy.deepcopy(model))
+    assert Reference(both).kind == "adapters disabled + snapshot of trainable tensors"
     proj = get_method("kl", params="projector").prepare(copy.deepcopy(model))
     n_proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
     assert Reference(proj).extra_parameters() == n_proj
 
 
-def test_snapshot_reference_reproduces_the_starting_model(vanilla, data):
+@pytest.mark.parametrize("params", ["projector", "lora+projector", "lora"])
+def test_reference_reproduces_the_starting_model_after_training_moves(vanilla, data, params):
     model, processor = vanilla
-    trained = get_method("npo", params="projector").prepare(copy.deepcopy(model))
+    trained = get_method("npo", params=params).prepare(copy.deepcopy(model))
     ref = Reference(trained)
     with torch.no_grad():
-        for p in trained.model.multi_modal_projector.parameters():
-            p.add_(0.5)  # the trained copy moves; the reference must not
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # the trained copy moves (projector, adapters); the reference must not
     batch = collate(processor, data.forget[:4])
     expected = answer_nll(model, batch)
     assert torch.allclose(ref.nll(batch), expected, atol=1e-5)
+    trained.eval()
     assert not torch.allclose(answer_nll(trained, batch), expected, atol=1e-3)
 
 

@@ -77,6 +77,11 @@ class Method:
             inner.vision_tower.requires_grad_(True)
         return model
 
+    def finalize(self, model):
+        """After training: turn the trained model into a plain LLaVA where the method changed its
+        structure (e.g. fold sine-modulated weights back into ``nn.Linear``). Identity by default."""
+        return model
+
     def install_hooks(self, model) -> list:
         """Gradient-shaping hooks (masks, projections); returns their handles. None for the baselines."""
         return []
@@ -105,40 +110,45 @@ class Method:
 
 
 class Reference:
-    """The frozen model's outputs, without a second copy of its weights where possible.
+    """The frozen model's outputs, without a second copy of its weights.
 
-    - peft model: the same model with its adapters disabled;
-    - otherwise: the same model run with a snapshot of the *trainable* tensors only (everything frozen
-      is shared), via ``torch.func.functional_call``;
-    - ``model`` given (e.g. a retain-only oracle): that separate model.
+    The trained model itself is run with its starting point restored for the duration of the call:
+    LoRA adapters are disabled (peft), and any other trainable tensor (a projector, sine deltas, ...)
+    is swapped for a snapshot taken at the start, via ``torch.func.functional_call``. Only the
+    trainable non-adapter tensors are copied; everything frozen is shared. A ``separate`` model (e.g.
+    a retain-only oracle) is used as is instead.
     """
 
     def __init__(self, trained, separate=None):
         self.trained, self.separate = trained, separate
-        self._snapshot = None
-        if separate is None and not hasattr(trained, "disable_adapter"):
-            self._snapshot = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+        self._peft = separate is None and hasattr(trained, "disable_adapter")
+        self._snapshot = {}
+        if separate is None:
+            self._snapshot = {n: p.detach().clone() for n, p in trained.named_parameters()
+                              if p.requires_grad and not (self._peft and ".lora_" in n)}
 
     @property
     def kind(self) -> str:
         if self.separate is not None:
             return "separate model"
-        return "adapters disabled" if self._snapshot is None else "snapshot of the trainable tensors"
+        parts = (["adapters disabled"] if self._peft else []) + (["snapshot of trainable tensors"] if self._snapshot else [])
+        return " + ".join(parts) or "the model itself (nothing trains)"
 
     @torch.no_grad()
     def run(self, fn, batch):
-        """``fn(model, batch)`` evaluated with the reference weights (no gradient)."""
+        """``fn(model, batch)`` evaluated with the reference weights (no gradient, no dropout)."""
         if self.separate is not None:
             return fn(self.separate, batch)
-        if self._snapshot is None:
-            was_training = self.trained.training
-            self.trained.eval()  # no LoRA dropout in the reference
-            try:
+        model = _Swapped(self.trained, self._snapshot) if self._snapshot else self.trained
+        was_training = self.trained.training
+        self.trained.eval()
+        try:
+            if self._peft:
                 with self.trained.disable_adapter():
-                    return fn(self.trained, batch)
-            finally:
-                self.trained.train(was_training)
-        return fn(_Swapped(self.trained, self._snapshot), batch)
+                    return fn(model, batch)
+            return fn(model, batch)
+        finally:
+            self.trained.train(was_training)
 
     def nll(self, batch):
         """Per-example answer NLL under the reference, shape ``(B,)``."""
@@ -148,10 +158,10 @@ class Reference:
         return self.run(lambda m, b: m(**{k: v for k, v in b.items() if k != "labels"}).logits, batch)
 
     def extra_parameters(self) -> int:
-        """Tensors the reference holds beyond the trained model (0 when it shares everything)."""
+        """Tensor elements the reference holds beyond the trained model (0 when it shares everything)."""
         if self.separate is not None:
             return sum(p.numel() for p in self.separate.parameters())
-        return 0 if self._snapshot is None else sum(t.numel() for t in self._snapshot.values())
+        return sum(t.numel() for t in self._snapshot.values())
 
 
 class _Swapped:

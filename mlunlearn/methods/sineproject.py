@@ -1,0 +1,164 @@
+"""SineProject (Garg, Saratchandran & Lucey, arXiv 2511.18444): unlearn through a sine-modulated projector.
+
+The projector's weights W1, W2 stay frozen; trainable dense ΔW1, ΔW2 enter through a sine:
+
+    G(x) = (W2 + sin(ω·ΔW2)/ω) · gelu((W1 + sin(ω·ΔW1)/ω) · x + b1) + b2       (book chapter 4)
+
+with the biases b1, b2 trainable and not modulated, LoRA on the language model, the vision tower frozen,
+and any loss of the engine as the objective (the paper: PO+PD for safety, NPO for MLLMU-Bench).
+
+Choices the paper leaves open, and ours:
+- ΔW = 0 at the start (``init="zero"``): sin 0 = 0, so the model starts exactly as the vanilla one, and
+  cos 0 = 1, so the first gradient is the plain one;
+- a frequency ω, as sin(ω·ΔW)/ω (the paper's formula is ω = 1, our default). Under Adam, W, W0 + ΔW
+  and W0 + sin(ΔW) near ΔW = 0 are the same optimisation (Adam normalises away the cos(ΔW) ≈ 1 factor);
+  what sin(ω·ΔW)/ω adds is a bound: no weight moves by more than 1/ω from its vanilla value;
+- ``additive=True`` trains W0 + ΔW instead (the control: same parameters, no sine).
+
+:func:`merge_sine` folds the trained terms back into plain ``nn.Linear`` weights, so the result loads as an
+ordinary LLaVA checkpoint; the engine does it after training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Method, MethodError, _llava
+from .registry import METHODS, get_method, register
+
+
+class SineLinear(nn.Module):
+    """``y = x (W + sin(ω·ΔW)/ω)ᵀ + b``: W frozen, ΔW (same shape) and b trainable.
+
+    With ``additive=True``, ``W + ΔW`` (the control). ``effective_weight()`` is the matrix applied.
+    """
+
+    def __init__(self, linear: nn.Linear, omega: float = 1.0, additive: bool = False, init: str = "zero",
+                 init_scale: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.omega, self.additive = float(omega), bool(additive)
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)  # W: frozen
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=torch.float32))  # ΔW
+        if init == "normal":  # a small random start; zero is the default (exact vanilla start)
+            nn.init.normal_(self.delta, std=init_scale)
+        elif init != "zero":
+            raise MethodError(f"init={init!r}: use 'zero' or 'normal'")
+
+    def modulation(self) -> torch.Tensor:
+        """The added term: sin(ω·ΔW)/ω, or ΔW when additive."""
+        if self.additive:
+            return self.delta
+        return torch.sin(self.omega * self.delta) / self.omega
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight + self.modulation().to(self.weight.dtype)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.effective_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the effective weight (the merge step)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.effective_weight())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "additive" if self.additive else f"sine, omega={self.omega:g}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+PROJECTOR_LAYERS = ("linear_1", "linear_2")
+
+
+def add_sine(model, omega: float = 1.0, additive: bool = False, init: str = "zero", init_scale: float = 0.0) -> dict:
+    """Replace the projector's ``linear_1``/``linear_2`` by :class:`SineLinear` in place; returns them."""
+    projector = _llava(model).multi_modal_projector
+    wrapped = {}
+    for name in PROJECTOR_LAYERS:
+        layer = getattr(projector, name)
+        if isinstance(layer, SineLinear):
+            raise MethodError("the projector is already sine-modulated")
+        wrapped[name] = SineLinear(layer, omega, additive, init, init_scale)
+        setattr(projector, name, wrapped[name])
+    return wrapped
+
+
+def merge_sine(model) -> dict:
+    """Fold every :class:`SineLinear` of the projector back into ``nn.Linear``; returns the removed modules."""
+    projector = _llava(model).multi_modal_projector
+    removed = {}
+    for name in PROJECTOR_LAYERS:
+        layer = getattr(projector, name)
+        if isinstance(layer, SineLinear):
+            removed[name] = layer
+            setattr(projector, name, layer.to_linear())
+    return removed
+
+
+@register
+@dataclass
+class SineProject(Method):
+    name = "sineproject"
+    summary = "sine-modulated projector (W + sin(w dW)/w, W frozen) + LoRA, trained with any objective"
+
+    objective: str = "npo"  # any registered baseline: npo, po, ga, graddiff, kl
+    omega: float = 1.0
+    additive: bool = False  # the control: W + dW, no sine
+    init: str = "zero"
+    init_scale: float = 0.0  # std of dW when init="normal"
+    lora: bool = True  # LoRA on the LLM as well (the paper's setting)
+    beta: float = 0.4  # passed to the objective when it has one (NPO)
+    retain_weight: float = -1.0  # passed to the objective when >= 0 (else the objective's default)
+
+    def __post_init__(self):
+        self.params = "lora" if self.lora else "projector"
+        super().__post_init__()
+        if self.objective == self.name or self.objective not in METHODS:
+            raise MethodError(f"objective={self.objective!r}: use one of "
+                              f"{', '.join(n for n in sorted(METHODS) if n != self.name)}")
+        if self.omega <= 0:
+            raise MethodError(f"omega={self.omega} must be > 0 (weights move at most 1/omega)")
+        known = METHODS[self.objective].hyperparameters()
+        passed = {"pd": self.pd}
+        if "beta" in known:
+            passed["beta"] = self.beta
+        if "retain_weight" in known and self.retain_weight >= 0:
+            passed["retain_weight"] = self.retain_weight
+        self._objective = get_method(self.objective, **passed)
+        self.sine_modules: dict = {}
+
+    @property
+    def needs_reference(self):
+        return self._objective.needs_reference
+
+    @property
+    def needs_refusals(self):
+        return self._objective.needs_refusals
+
+    def prepare(self, model):
+        """LoRA on the LLM (if ``lora``), then the sine-modulated projector; only ΔW, biases, LoRA train."""
+        model = super().prepare(model)  # freezes everything; adds LoRA when params="lora"
+        self.sine_modules = add_sine(model, self.omega, self.additive, self.init, self.init_scale)
+        return model
+
+    def loss(self, model, batch, reference):
+        return self._objective.loss(model, batch, reference)
+
+    def finalize(self, model):
+        """Fold sin(ω·ΔW)/ω into the projector's weights (the trained modules stay in ``sine_modules``)."""
+        merge_sine(model)
+        return model
+
+    def settings(self) -> dict:
+        out = super().settings()
+        out.pop("params")
+        return out
