@@ -1,0 +1,139 @@
+"""Experiments the chapters run: learning-rate sweeps and method comparisons (book chapter 2 onwards).
+
+Both start every run from the same vanilla weights (a fresh copy each time) with the same seed, so the
+only thing that differs between two rows is what the row says.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from mlunlearn.data.unlearning import add_refusals, unlearning_data
+from mlunlearn.engine import UnlearnConfig, unlearn
+from mlunlearn.eval.scorecard import scorecard, teacher_forced
+
+
+@dataclass
+class Probes:
+    """Example sets scored with :func:`teacher_forced` (no generation): the forget set's own training
+    questions, a fixed sample of the retain set's, and the forget questions' refusal variants."""
+
+    forget: list
+    retain: list
+    refusal: list
+
+    @classmethod
+    def build(cls, bench, forget: int = 5, retain_every: int = 5) -> "Probes":
+        data = add_refusals(unlearning_data(bench, forget))
+        return cls(data.forget, data.retain[::retain_every], data.forget_refusal)
+
+    def score(self, model, processor) -> dict:
+        f, r = teacher_forced(model, processor, self.forget), teacher_forced(model, processor, self.retain)
+        return {"forget exact %": f["exact"], "retain exact %": r["exact"], "forget NLL": f["nll"],
+                "retain NLL": r["nll"], "refusal NLL": teacher_forced(model, processor, self.refusal)["nll"]}
+
+
+def lr_sweep(model, processor, bench, methods, lrs, config: UnlearnConfig, forget: int = 5,
+             probes: Probes | None = None, progress: bool = True, fresh=None) -> pd.DataFrame:
+    """Unlearn with each method at each learning rate; score each result with :class:`Probes`.
+
+    ``methods``: ``{label: (method name, {hyper-parameters})}``. Returns one row per (label, lr).
+    ``fresh`` as in :func:`compare`.
+    """
+    from tqdm.auto import tqdm
+
+    fresh = fresh or (lambda: copy.deepcopy(model))
+    probes = probes or Probes.build(bench, forget)
+    rows = []
+    jobs = [(label, spec, lr) for label, spec in methods.items() for lr in lrs]
+    for label, (name, hp), lr in tqdm(jobs, desc="sweep", disable=not progress):
+        cfg = dataclasses.replace(config, lr=lr, progress=False)
+        run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, **hp)
+        rows.append({"method": label, "lr": lr, **probes.score(run.model, processor)})
+    return pd.DataFrame(rows)
+
+
+def pick_lr(sweep: pd.DataFrame, max_forget: float = 20.0) -> pd.DataFrame:
+    """Per method, the learning rate to compare at: among those that forgot (forget exact ≤
+    ``max_forget`` %), the one that kept the most retain answers; if none forgot, the one that forgot
+    most. Forgetting comes first: a rate that leaves the forget set intact has unlearned nothing, however
+    well it keeps the rest. Returns one row per method (index: method)."""
+    picks = []
+    for method, rows in sweep.groupby("method", sort=False):
+        forgot = rows[rows["forget exact %"].round(6) <= max_forget]  # 3/15 is 20.000000298 in float32
+        if len(forgot):
+            row = forgot.sort_values(["retain exact %", "lr"], ascending=[False, True]).iloc[0]
+            rule = f"forgot (≤{max_forget:g}%), kept most"
+        else:
+            row = rows.sort_values(["forget exact %", "lr"]).iloc[0]
+            rule = "never forgot: forgot most"
+        picks.append({**row.to_dict(), "rule": rule})
+    return pd.DataFrame(picks).set_index("method")
+
+
+@dataclass
+class Comparison:
+    """Scorecards (one row per method) plus each run's per-step log and run record."""
+
+    table: pd.DataFrame
+    logs: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+    benign: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)  # method -> greedy replies to the ``show`` examples
+
+    def replies(self, mode: str = "forget", task: str = "generation", modality: str = "Image_Textual",
+                n: int = 3) -> pd.DataFrame:
+        """The first ``n`` questions of one (mode, task, modality) and each method's reply to them."""
+        first = [r for r in next(iter(self.results.values())).records if (r.mode, r.task, r.modality) == (mode, task, modality)]
+        keys = [(r.id, r.question) for r in first][:n]
+        table = {"question": [q for _, q in keys],
+                 "expected": [next(r.reference for r in first if (r.id, r.question) == k) for k in keys]}
+        for label, result in self.results.items():
+            by_key = {(r.id, r.question): r.reply for r in result.records if (r.mode, r.task, r.modality) == (mode, task, modality)}
+            table[label] = [by_key.get(k, "") for k in keys]
+        return pd.DataFrame(table)
+
+
+def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int = 5, vanilla: bool = True,
+            batch_size: int = 64, progress: bool = True, show=None, fresh=None) -> Comparison:
+    """Full evaluation (:func:`mlunlearn.eval.scorecard.scorecard`) of each method's unlearned model.
+
+    ``methods``: ``{label: (method name, {hyper-parameters, and optionally "lr"})}``; an ``lr`` given
+    there overrides ``config.lr`` for that method. With ``vanilla``, the first row is the model before
+    unlearning. ``show``: examples (:class:`mlunlearn.collate.Example`) whose greedy replies are kept per
+    method in ``.samples``. ``fresh``: a function returning an untouched model for each run (default: a
+    deep copy of ``model``; for LLaVA-1.5-7B pass ``lambda: load_model(...)[0]`` rather than hold copies).
+    """
+    from mlunlearn.eval.protocol import generate_replies
+
+    fresh = fresh or (lambda: copy.deepcopy(model))
+
+    def sample(m):
+        if show:
+            return generate_replies(m, processor, [e.prompt for e in show],
+                                    [[e.image] if e.image is not None else [] for e in show], batch_size=batch_size)
+        return []
+
+    from tqdm.auto import tqdm
+
+    rows, out = [], Comparison(pd.DataFrame())
+    if vanilla:
+        row, result, benign = scorecard(model, processor, bench, forget, batch_size=batch_size)
+        rows.append({"method": "vanilla", "lr": None, **row})
+        out.results["vanilla"], out.benign["vanilla"], out.samples["vanilla"] = result, benign, sample(model)
+    for label, (name, hp) in tqdm(methods.items(), desc="methods", disable=not progress):
+        hp = dict(hp)
+        cfg = dataclasses.replace(config, lr=hp.pop("lr", config.lr), progress=False)
+        run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, **hp)
+        row, result, benign = scorecard(run.model, processor, bench, forget, batch_size=batch_size)
+        out.samples[label] = sample(run.model)
+        rows.append({"method": label, "lr": cfg.lr, **row})
+        out.logs[label], out.runs[label] = run.curves(), run.run
+        out.results[label], out.benign[label] = result, benign
+    out.table = pd.DataFrame(rows).set_index("method")
+    return out
