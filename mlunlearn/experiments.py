@@ -85,6 +85,7 @@ class Comparison:
     results: dict = field(default_factory=dict)
     benign: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)  # method -> greedy replies to the ``show`` examples
+    monitors: dict = field(default_factory=dict)  # method -> the callbacks ``monitor`` made for its run
 
     def replies(self, mode: str = "forget", task: str = "generation", modality: str = "Image_Textual",
                 n: int = 3) -> pd.DataFrame:
@@ -100,7 +101,8 @@ class Comparison:
 
 
 def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int = 5, vanilla: bool = True,
-            batch_size: int = 64, progress: bool = True, show=None, fresh=None) -> Comparison:
+            batch_size: int = 64, progress: bool = True, show=None, fresh=None, monitor=None,
+            measure=None) -> Comparison:
     """Full evaluation (:func:`mlunlearn.eval.scorecard.scorecard`) of each method's unlearned model.
 
     ``methods``: ``{label: (method name, {hyper-parameters, and optionally "lr"})}``; an ``lr`` given
@@ -108,6 +110,9 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
     unlearning. ``show``: examples (:class:`mlunlearn.collate.Example`) whose greedy replies are kept per
     method in ``.samples``. ``fresh``: a function returning an untouched model for each run (default: a
     deep copy of ``model``; for LLaVA-1.5-7B pass ``lambda: load_model(...)[0]`` rather than hold copies).
+    ``monitor``: a function returning a fresh ``TrainerCallback`` for each run (kept in ``.monitors``),
+    e.g. ``lambda: ProjectorMonitor(...)``. ``measure``: a function ``model -> dict`` whose values are added
+    to each row (the vanilla row too).
     """
     from mlunlearn.eval.protocol import generate_replies
 
@@ -124,15 +129,18 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
     rows, out = [], Comparison(pd.DataFrame())
     if vanilla:
         row, result, benign = scorecard(model, processor, bench, forget, batch_size=batch_size)
-        rows.append({"method": "vanilla", "lr": None, **row})
+        rows.append({"method": "vanilla", "lr": None, **row, **(measure(model) if measure else {})})
         out.results["vanilla"], out.benign["vanilla"], out.samples["vanilla"] = result, benign, sample(model)
     for label, (name, hp) in tqdm(methods.items(), desc="methods", disable=not progress):
         hp = dict(hp)
         cfg = dataclasses.replace(config, lr=hp.pop("lr", config.lr), progress=False)
-        run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, **hp)
+        callbacks = [monitor()] if monitor else []
+        run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, callbacks=callbacks, **hp)
         row, result, benign = scorecard(run.model, processor, bench, forget, batch_size=batch_size)
         out.samples[label] = sample(run.model)
-        rows.append({"method": label, "lr": cfg.lr, **row})
+        if callbacks:
+            out.monitors[label] = callbacks[0]
+        rows.append({"method": label, "lr": cfg.lr, **row, **(measure(run.model) if measure else {})})
         out.logs[label], out.runs[label] = run.curves(), run.run
         out.results[label], out.benign[label] = result, benign
     out.table = pd.DataFrame(rows).set_index("method")
