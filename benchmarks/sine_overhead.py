@@ -1,0 +1,104 @@
+"""Step-time overhead of SineProject's sine-modulated projector against a plain additive ΔW.
+
+The SineProject paper reports an overhead under 1%. What that ratio means depends on what the step
+contains, so this measures two steps, each for the sine (W + sin(ω·ΔW)/ω) and the additive control
+(W + ΔW), interleaved (A, B, A, B, ...) so that machine noise hits both alike, reporting median times
+and their ratio:
+
+- ``projector``: forward + backward + Adam step of the projector alone, at LLaVA-1.5-7B's size
+  (1024 → 4096 → 4096) on one image's 576 tokens: the worst case, where the sine is a large share;
+- ``tiny model``: one full unlearning step of the tiny LLaVA through the engine's loss (PO, LoRA on the
+  LLM + the projector variant), batch 4: the sine's share of a real step.
+
+    python benchmarks/sine_overhead.py          # writes benchmarks/results/sine_overhead.json
+    python benchmarks/sine_overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+
+def projector_step_fn(additive: bool, tokens: int = 576):
+    from mlunlearn.methods.sineproject import SineLinear
+
+    torch.manual_seed(0)
+    layers = nn.ModuleDict({"linear_1": SineLinear(nn.Linear(1024, 4096), omega=30.0, additive=additive),
+                            "linear_2": SineLinear(nn.Linear(4096, 4096), omega=30.0, additive=additive)})
+    opt = torch.optim.Adam([p for p in layers.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(tokens, 1024)
+
+    def step():
+        y = layers["linear_2"](nn.functional.gelu(layers["linear_1"](x)))
+        loss = y.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def tiny_step_fn(additive: bool):
+    from mlunlearn.collate import collate
+    from mlunlearn.data import open_benchmark
+    from mlunlearn.data.unlearning import add_refusals, unlearning_data
+    from mlunlearn.methods import get_method
+    from mlunlearn.models import load_model
+
+    model, processor = load_model("tiny", device="cpu", dtype=torch.float32)
+    method = get_method("sineproject", objective="po", additive=additive, omega=30.0)
+    model = method.prepare(model).train()
+    data = add_refusals(unlearning_data(open_benchmark("toyworld"), 5))
+    batch = {"forget_refusal": collate(processor, data.forget_refusal[:4]), "retain": collate(processor, data.retain[:4])}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        loss = method.loss(model, batch, None)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def interleaved(make, repeats: int, warmup: int = 3) -> dict:
+    steps = {"additive": make(True), "sine": make(False)}
+    times = {k: [] for k in steps}
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    for _ in range(repeats):
+        for k, f in steps.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "ratio_sine_over_additive": med["sine"] / med["additive"], "repeats": repeats}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--output", default=str(HERE / "results" / "sine_overhead.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    reps = 5 if args.quick else 30
+    out = {"threads": 1, "projector (LLaVA-7B size, 576 tokens)": interleaved(projector_step_fn, reps),
+           "tiny model step (PO + LoRA)": interleaved(tiny_step_fn, 4 * reps)}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=1))
+    for name, r in out.items():
+        if isinstance(r, dict):
+            print(f"{name:40s} additive {r['median_s']['additive'] * 1e3:8.1f} ms  sine {r['median_s']['sine'] * 1e3:8.1f} ms"
+                  f"  ratio {r['ratio_sine_over_additive']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
