@@ -17,17 +17,10 @@ from mlunlearn.analysis import (
 from mlunlearn.collate import collate
 from mlunlearn.data import open_benchmark
 from mlunlearn.data.unlearning import unlearning_data
-from mlunlearn.models import ASSET_DIR, load_model
-
-torch.set_num_threads(1)
-
-pytestmark = pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").is_file(),
-                                reason="the tiny vanilla weights are not built")
+from conftest import needs_vanilla
 
 
-@pytest.fixture(scope="module")
-def vanilla():
-    return load_model("tiny", device="cpu", dtype=torch.float32)
+pytestmark = needs_vanilla
 
 
 @pytest.fixture(scope="module")

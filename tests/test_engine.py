@@ -12,17 +12,12 @@ from mlunlearn.data.bench import Benchmark
 from mlunlearn.data.unlearning import PairedDataset, UnlearningDataError, unlearning_data
 from mlunlearn.engine import NonFiniteLossError, UnlearnConfig, split_settings, unlearn
 from mlunlearn.methods import MethodError, get_method
-from mlunlearn.models import ASSET_DIR, load_model
+from mlunlearn.models import load_model
 
-torch.set_num_threads(1)
-
-pytestmark = pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").is_file(),
-                                reason="the tiny vanilla weights are not built")
+from conftest import needs_vanilla
 
 
-@pytest.fixture(scope="module")
-def vanilla():
-    return load_model("tiny", device="cpu", dtype=torch.float32)
+pytestmark = needs_vanilla
 
 
 def _run(vanilla, method="ga", output=None, **cfg):

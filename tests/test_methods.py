@@ -12,17 +12,10 @@ from mlunlearn.engine import UnlearnConfig, unlearn
 from mlunlearn.methods import METHODS, MethodError, Reference, describe, get_method, trainable_parameter_names
 from mlunlearn.methods.kl import answer_kl
 from mlunlearn.methods.npo import npo_loss
-from mlunlearn.models import ASSET_DIR, load_model
-
-torch.set_num_threads(1)
-
-pytestmark = pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").is_file(),
-                                reason="the tiny vanilla weights are not built")
+from conftest import needs_vanilla
 
 
-@pytest.fixture(scope="module")
-def vanilla():
-    return load_model("tiny", device="cpu", dtype=torch.float32)
+pytestmark = needs_vanilla
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,9 @@ from mlunlearn.data.unlearning import unlearning_data
 from mlunlearn.engine import UnlearnConfig, unlearn
 from mlunlearn.methods import MethodError, get_method, trainable_parameter_names
 from mlunlearn.methods.sineproject import SineLinear, merge_sine
-from mlunlearn.models import ASSET_DIR, load_model
+from conftest import needs_vanilla
 
-torch.set_num_threads(1)
-pytestmark = pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").is_file(), reason="no tiny vanilla weights")
-
-
-@pytest.fixture(scope="module")
-def vanilla():
-    return load_model("tiny", device="cpu", dtype=torch.float32)
+pytestmark = needs_vanilla
 
 
 @pytest.fixture(scope="module")
