@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -246,7 +247,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         raise MethodError(f"{method.name} with params={method.params!r} trains no parameter")
 
     out = Path(output) if output is not None else None
-    ckpt_dir = str(out / "checkpoints") if out is not None and (config.save_steps > 0 or config.resume) else _scratch_dir()
+    keep = out is not None and (config.save_steps > 0 or config.resume)
+    ckpt_dir = str(out / "checkpoints") if keep else _scratch_dir()
     args = TrainingArguments(
         output_dir=ckpt_dir, learning_rate=config.lr, num_train_epochs=config.epochs, max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
@@ -274,6 +276,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     finally:
         for h in hooks:
             h.remove()
+        if not keep and config.save_steps == 0:  # nothing was written there: leave no empty folder behind
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     model = method.finalize(trainer.model).eval()
     log = [dict(r) for r in trainer.state.log_history]
     if config.merge and hasattr(model, "merge_and_unload") and not getattr(model, "is_loaded_in_4bit", False):
