@@ -84,10 +84,15 @@ def collate(processor, examples, padding_side: str = "right") -> dict:
 def answer_nll(model, batch) -> torch.Tensor:
     """Mean negative log-likelihood of each example's answer tokens, shape ``(B,)`` (nats per token)."""
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    return nll_from_logits(out.logits, batch["labels"])
+
+
+def nll_from_logits(logits, labels) -> torch.Tensor:
+    """Per-example mean answer-token NLL from full-sequence ``logits`` ``(B, T, V)`` and ``labels`` ``(B, T)``
+    (-100 off the answer; position t predicts token t+1); shape ``(B,)``."""
+    labels = labels[:, 1:]
     mask = labels != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(logp * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mlunlearn.collate import IGNORE, collate
+from mlunlearn.collate import IGNORE, collate, nll_from_logits
 
 # The scorecard's columns, in display order, with what each means.
 COLUMNS = {
@@ -85,11 +85,9 @@ def teacher_forced(model, processor, examples, batch_size: int = 32) -> dict:
         batch = collate(processor, examples[i:i + batch_size])
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nlls.append((-(logp * mask).sum(1) / mask.sum(1)).cpu())
-        exact.append(((logits.argmax(-1) == labels) | ~mask).all(1).cpu())
+        nlls.append(nll_from_logits(logits, batch["labels"]).cpu())
+        exact.append(((logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)).all(1).cpu())
     model.train(was_training)
     return {"nll": float(torch.cat(nlls).mean()), "exact": 100 * float(torch.cat(exact).float().mean())}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlunlearn.collate import IGNORE, answer_nll
+from mlunlearn.collate import IGNORE, answer_nll, nll_from_logits
 
 from .base import Method
 from .registry import register
@@ -42,16 +42,9 @@ class KL(Method):
         retain = batch["retain"]
         forget_nll = answer_nll(model, batch["forget"]).mean()
         logits = model(**{k: v for k, v in retain.items() if k != "labels"}).logits
-        retain_nll = _nll_from_logits(logits, retain["labels"])
+        retain_nll = nll_from_logits(logits, retain["labels"]).mean()
         kl = answer_kl(reference.logits(retain), logits, retain["labels"])
         terms = {"forget_nll": forget_nll, "retain_nll": retain_nll, "retain_kl": kl,
                  "loss": -forget_nll + self.retain_weight * retain_nll + self.kl_weight * kl}
         return self.with_prompt_decouple(model, batch, terms)
 
-
-def _nll_from_logits(logits, labels) -> torch.Tensor:
-    """Mean over examples of the per-example mean answer-token NLL (as :func:`answer_nll` computes it)."""
-    labels = labels[:, 1:]
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (-(logp * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()

@@ -28,6 +28,6 @@ class PO(Method):
     def loss(self, model, batch, reference):
         refusal_nll = answer_nll(model, batch["forget_refusal"]).mean()
         retain_nll = answer_nll(model, batch["retain"]).mean()
-        with_grad = {"refusal_nll": refusal_nll, "retain_nll": retain_nll,
-                     "loss": self.forget_weight * refusal_nll + self.retain_weight * retain_nll}
-        return self.with_prompt_decouple(model, batch, with_grad)
+        terms = {"refusal_nll": refusal_nll, "retain_nll": retain_nll,
+                 "loss": self.forget_weight * refusal_nll + self.retain_weight * retain_nll}
+        return self.with_prompt_decouple(model, batch, terms)
