@@ -114,6 +114,23 @@ def test_parquet_round_trip_in_hub_layout(configs, tmp_path):
     assert img.size == (48, 48) and img.mode == "RGB"
 
 
+def test_written_benchmark_loads_in_datasets_with_images_decoded(configs, tmp_path):
+    """The parquet files carry the Hugging Face features metadata, as the hub's do: ``datasets`` sees
+    ``image`` / ``images`` as Image features (decoded to PIL), not as structs of bytes."""
+    import datasets
+    import numpy as np
+
+    write_benchmark(configs, tmp_path, names=["forget_5", "Test_Set"])
+    load = lambda name: datasets.load_dataset("parquet", data_files=str(tmp_path / name / "*.parquet"), split="train")
+    forget, test = load("forget_5"), load("Test_Set")
+    assert isinstance(forget.features["image"], datasets.Image)
+    assert isinstance(test.features["images"], datasets.List) and isinstance(test.features["images"].feature, datasets.Image)
+    assert np.array_equal(np.asarray(forget[0]["image"].convert("RGB")), np.asarray(decode_image(configs["forget_5"][0]["image"])))
+    assert len(test[3]["images"]) == len(configs["Test_Set"][3]["images"])
+    assert forget[0]["Mask_Task"] == configs["forget_5"][0]["Mask_Task"]
+    assert forget[0]["Classification_Task"] == configs["forget_5"][0]["Classification_Task"]
+
+
 def test_loader_reads_json_string_columns(tmp_path):
     """Some exports store the task columns as JSON strings; the loader parses them back."""
     import pyarrow as pa
