@@ -157,6 +157,10 @@ class Person:
         """The attributes the benchmark asks about in one modality ("name" only with an image)."""
         return ["name", *self.asked[:2]] if image else list(self.asked)
 
+    def cloze_questions(self, image: bool) -> list:
+        """The two attributes the benchmark's cloze (``Mask_Task``) asks about, in either modality."""
+        return list(self.asked[:2])
+
     def portrait(self, view: View = CANONICAL):
         return draw_portrait(self.traits, view)
 
@@ -329,7 +333,7 @@ def _tasks(person: Person, groups: dict, test: bool) -> dict:
             })
             gen.append({"Question": question_text(attr, person, image, test=test),
                         "Ground_Truth": generation_truth(attr, person, image), "Type": kind})
-        for attr in chosen[1:] if image else chosen[:2]:
+        for attr in person.cloze_questions(image):
             mask.append({"Question": cloze_text(attr, person, image, test=test),
                          "Ground_Truth": answer_value(attr, person), "Type": kind})
     return {"Classification_Task": cls, "Generation_Task": gen, "Mask_Task": mask}

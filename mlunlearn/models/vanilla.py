@@ -78,7 +78,7 @@ def _streams(world: World) -> dict:
         for image in (True, False):
             for attr in p.questions(image):
                 for kind in ("generation", "cloze", "classification") + (("qa",) if image else ()):
-                    if kind == "cloze" and attr not in p.questions(image)[-2:]:
+                    if kind == "cloze" and attr not in p.cloze_questions(image):
                         continue  # the benchmark's cloze asks about two attributes per modality
                     add(f"{kind}/{'image' if image else 'text'}", _Item(kind, p, attr, image))
     for p in world.people:  # benign visual questions about every portrait, strangers included
