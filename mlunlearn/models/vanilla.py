@@ -1,7 +1,7 @@
 """The vanilla tiny model: a tiny LLaVA that has learned the synthetic world (book chapter 1).
 
 "Train or load": :func:`load_vanilla` reads the safetensors shipped in the package; :func:`train_vanilla`
-reproduces them from scratch (about 10 minutes on one CPU thread) with the recipe below.
+reproduces them from scratch (about 8 minutes on one CPU thread) with the recipe below.
 
 The recipe, and why it differs from MLLMU-Bench's. MLLMU-Bench fine-tunes LLaVA-1.5-7B on ``ft_Data`` (QA
 pairs) and relies on what the 7B model already knows to answer the benchmark's other formats (multiple
