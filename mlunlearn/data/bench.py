@@ -139,16 +139,31 @@ def open_benchmark(source: str = "toyworld") -> Benchmark:
     return Benchmark(source, folder=folder)
 
 
+# How ``datasets`` stores an ``Image``: the PNG bytes and an optional path (a string even when it is empty).
+_IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _image_storage(f: pa.Field) -> pa.Field:
+    """The ``image`` / ``images`` (Test_Set's views) columns in ``datasets``' Image storage type."""
+    if f.name == "image":
+        return pa.field(f.name, _IMAGE_TYPE)
+    if f.name == "images":
+        return pa.field(f.name, pa.list_(_IMAGE_TYPE))
+    return f
+
+
 def hf_features(schema: pa.Schema) -> dict:
     """The Hugging Face ``datasets`` features of a table, as the JSON ``datasets`` stores in parquet files.
 
-    ``datasets`` reads the schema metadata key ``huggingface`` to know that an ``image`` column of
+    ``datasets`` reads the schema metadata key ``huggingface`` to know that an image column of
     ``{bytes, path}`` structs is an ``Image`` (decoded to PIL), not a plain struct; the hub's parquet
     files carry it. Lists are written in the legacy ``[feature]`` form, which every ``datasets``
     version reads.
     """
 
     def feature(kind: pa.DataType) -> object:
+        if kind == _IMAGE_TYPE:
+            return {"_type": "Image"}
         if pa.types.is_struct(kind):
             return {kind.field(i).name: feature(kind.field(i).type) for i in range(kind.num_fields)}
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
@@ -156,27 +171,7 @@ def hf_features(schema: pa.Schema) -> dict:
         dtype = "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else str(kind)
         return {"dtype": dtype, "_type": "Value"}
 
-    features = {}
-    for f in schema:
-        if f.name == "image":
-            features[f.name] = {"_type": "Image"}
-        elif f.name == "images":
-            features[f.name] = [{"_type": "Image"}]
-        else:
-            features[f.name] = feature(f.type)
-    return features
-
-
-# How ``datasets`` stores an ``Image``: the PNG bytes and an optional path (a string even when it is empty).
-_IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-
-
-def _image_storage(f: pa.Field) -> pa.Field:
-    if f.name == "image":
-        return pa.field(f.name, _IMAGE_TYPE)
-    if f.name == "images":
-        return pa.field(f.name, pa.list_(_IMAGE_TYPE))
-    return f
+    return {f.name: feature(f.type) for f in schema}
 
 
 def write_benchmark(configs: dict, folder, names=None) -> Path:
