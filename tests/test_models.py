@@ -122,7 +122,7 @@ def test_vanilla_data_teaches_every_question_the_benchmark_asks_of_known_people(
     from mlunlearn.models.vanilla import _streams
 
     trained = set()
-    for name, items in _streams(world).items():
+    for items in _streams(world).values():
         for it in items:
             if it.kind not in ("cloze", "generation", "classification"):
                 continue
