@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mlunlearn.data.unlearning import (
-    PairedCollator, PairedDataset, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
+    PairedCollator, PairedDataset, PairedSampler, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
 )
 from mlunlearn.methods import Method, MethodError, Reference, get_method, trainable_parameter_names
 from mlunlearn.methods.registry import convert
@@ -143,6 +143,12 @@ class UnlearnTrainer(Trainer):
         for k, v in terms.items():
             self._terms.setdefault(k, []).append(float(v.detach()))
         return (loss, None) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # Why not the Trainer's sampler: its order and our retain draws must not depend on torch's global
+        # generator (dropout consumes it), or a resumed or multi-process run would see other pairs.
+        return PairedSampler(len(dataset), seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
@@ -261,7 +267,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         dataloader_num_workers=0, use_cpu=device.type == "cpu", **precision,
     )
     timing = _Timing()
-    trainer = UnlearnTrainer(model=model, args=args, train_dataset=PairedDataset(examples),
+    trainer = UnlearnTrainer(model=model, args=args, train_dataset=PairedDataset(examples, seed=config.seed),
                              data_collator=PairedCollator(processor), method=method, reference=reference,
                              callbacks=[timing, *(callbacks or [])])
     if not config.progress:  # without a bar the Trainer prints every log dict: keep notebooks quiet

@@ -1,4 +1,9 @@
-"""Figures the chapters share: portrait grids, patch grids, training curves (book chapter 1)."""
+"""Figures the chapters share: the book's figure style, portrait grids, patch grids, training curves
+(book chapter 1).
+
+Every chapter calls :func:`book_style` once: one seaborn theme, fonts that stay legible at the book's
+column width, and high-resolution (retina) inline output.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,31 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mlunlearn.data import decode_image
+
+# The rendered book's text column is about 7.3 inches wide at 100 dpi: a figure no wider than this is
+# shown at its own size, so its fonts keep the sizes set in book_style. Wider figures are shrunk.
+COLUMN_WIDTH = 7.2
+
+
+def book_style(retina: bool = True) -> None:
+    """The book's figure style: seaborn's ``whitegrid`` theme with 10–11 pt text, and (in a notebook)
+    retina PNG output, so figures of at most :data:`COLUMN_WIDTH` inches stay sharp and legible."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", palette="deep", rc={
+        "figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (COLUMN_WIDTH, 3.6),
+        "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+        "ytick.labelsize": 9, "legend.fontsize": 9, "legend.title_fontsize": 9, "figure.titlesize": 11,
+        "figure.constrained_layout.use": False,
+    })
+    if retina:
+        try:
+            from IPython import get_ipython
+            from matplotlib_inline.backend_inline import set_matplotlib_formats
+        except ImportError:  # not in IPython: nothing to configure
+            return
+        if get_ipython() is not None:
+            set_matplotlib_formats("retina")
 
 
 def portrait_grid(rows, highlight=(), columns: int = 10, title: str | None = None, image_key: str = "image"):

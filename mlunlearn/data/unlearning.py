@@ -10,6 +10,7 @@ forgetting transfers to them is part of what the evaluation measures.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 
 import torch
@@ -105,22 +106,59 @@ def add_prompt_decouple(data: UnlearningData, model, processor, batch_size: int 
     return data
 
 
-class PairedDataset(torch.utils.data.Dataset):
-    """Indexed by the forget set: item i is forget example i with a retain example drawn at random.
+def _draw(seed: int, epoch: int, index: int, n: int) -> int:
+    """A retain index in ``range(n)`` that depends on nothing but ``(seed, epoch, index)``.
 
-    The retain draw uses torch's global generator, which the Trainer seeds and checkpoints, so a run
-    is reproducible and resumes exactly.
+    ``random.Random`` seeded with a string hashes it with SHA-512, so the draw is the same in every
+    process, after a resume, and whatever ``PYTHONHASHSEED`` is.
+    """
+    return random.Random(f"retain:{seed}:{epoch}:{index}").randrange(n)
+
+
+class PairedSampler(torch.utils.data.Sampler):
+    """Shuffles the forget set once per epoch from ``(seed, epoch)`` alone, and tells the dataset the epoch.
+
+    It yields ``epoch · N + i`` for forget example ``i`` (N = forget set size), so :class:`PairedDataset`
+    can draw the retain partner from ``(seed, epoch, i)``. Neither the order nor the partner touches torch's
+    global generator (which dropout also uses): a run killed and resumed from a checkpoint, or split over
+    several processes by accelerate (which shards this sampler's batches), sees exactly the same pairs.
+    The Trainer calls :meth:`set_epoch` before each epoch.
     """
 
-    def __init__(self, data: UnlearningData):
-        self.data = data
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(f"order:{self.seed}:{self.epoch}").shuffle(order)
+        return iter(self.epoch * self.n + i for i in order)
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Indexed by the forget set: item i is forget example i with a retain example drawn for it.
+
+    The partner is a function of ``(seed, epoch, i)`` (see :class:`PairedSampler`, which passes the epoch
+    as ``epoch · N + i``; a plain ``i < N`` is epoch 0). Each epoch pairs every forget example with a
+    new retain example; the same seed gives the same pairs in any process, before and after a resume.
+    """
+
+    def __init__(self, data: UnlearningData, seed: int = 0):
+        self.data, self.seed = data, seed
 
     def __len__(self) -> int:
         return len(self.data.forget)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, j: int) -> dict:
         d = self.data
-        item = {"forget": d.forget[i], "retain": d.retain[int(torch.randint(len(d.retain), ()).item())]}
+        epoch, i = divmod(int(j), len(d.forget))
+        item = {"forget": d.forget[i], "retain": d.retain[_draw(self.seed, epoch, i, len(d.retain))]}
         if d.forget_refusal is not None:
             item["forget_refusal"] = d.forget_refusal[i]
         if d.pd is not None:
@@ -138,5 +176,5 @@ class PairedCollator:
         return {key: collate(self.processor, [it[key] for it in items]) for key in items[0]}
 
 
-__all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "UnlearningData", "UnlearningDataError",
+__all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "PairedSampler", "UnlearningData", "UnlearningDataError",
            "add_prompt_decouple", "add_refusals", "unlearning_data"]
