@@ -21,6 +21,11 @@ NB_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHO
 	TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 PYDEVD_DISABLE_FILE_VALIDATION=1
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.cfg
+# pytest-xdist workers (CI has 2 cores). Chapters: one whole notebook per worker (loadscope: a notebook is
+# one kernel, its cells in order); unit tests: one whole test file per worker (loadfile: module fixtures
+# are built once). NB_WORKERS=0 runs everything in this process, one after the other.
+NB_WORKERS ?= 2
+UNIT_WORKERS ?= 2
 
 .PHONY: all install book test test-unit test-notebooks execute clean distclean
 
@@ -46,12 +51,13 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory -k test-unit test-notebooks
 
 test-unit: $(STAMP)
-	$(NB_ENV) $(BIN)/python -m pytest tests
+	$(NB_ENV) $(BIN)/python -m pytest -n $(UNIT_WORKERS) --dist loadfile tests
 
 # pytest exits 5 when it collects nothing (no chapter notebooks, or none with code cells): that alone is
 # not a failure here; tests/test_notebooks_executed.py is what fails when a chapter in _toc.yml is missing.
+# book/conftest.py prints each chapter's time at the end.
 test-notebooks: $(STAMP)
-	@rc=0; $(NB_ENV) $(BIN)/python -m pytest $(NBVAL_FLAGS) book/ || rc=$$?; \
+	@rc=0; $(NB_ENV) $(BIN)/python -m pytest -n $(NB_WORKERS) --dist loadscope $(NBVAL_FLAGS) book/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "nbval: no notebook cells collected under book/ (not a failure)"; rc=0; fi; \
 	exit $$rc
 

@@ -1,8 +1,16 @@
 """Re-execute the book's chapter notebooks in place, top to bottom, one fresh kernel each.
 
 Usage: python tools/execute_notebooks.py [NOTEBOOK ...]
-Without arguments: every notebook listed in _toc.yml. Run through `make execute`, which sets the same
-environment (one thread, PYTHONHASHSEED=0, offline hubs) as `make test`, so nbval sees the same outputs.
+Without arguments: every notebook listed in _toc.yml. The kernel gets the environment of `make test`
+(NOTEBOOK_ENV below, the Makefile's NB_ENV: one thread, PYTHONHASHSEED=0, offline hubs, progress bars
+off) for every variable not already set, so a direct call stores the same outputs as `make execute`; a
+variable set to another value is kept, with a warning.
+
+A notebook whose outputs include an ipywidgets view (a tqdm bar in a notebook is one) is not written back
+either: without a kernel the book renders it as noise. TQDM_DISABLE cannot prevent those bars, because
+tqdm's environment variables only change defaults, and both `tqdm(..., disable=not progress)` and
+tqdm.notebook (which turns `disable=None` into False) pass the argument explicitly: a chapter has to
+call the package with `progress=False`.
 
 The kernel is always this interpreter (the project's venv), whatever kernelspecs the user has installed.
 A notebook whose execution fails is not written back; the others still run; the exit status is 1.
@@ -27,6 +35,44 @@ from sphinx_external_toc.parsing import parse_toc_yaml
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_NAME = "python3"
 CELL_TIMEOUT_S = 3 * 3600  # generous: a chapter that trains may legitimately take long on 2 CPU cores
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+# The Makefile's NB_ENV (tests/test_notebooks_executed.py checks that the two agree). One thread and a
+# fixed hash seed make the outputs reproducible; the hubs are offline (CI has no network); progress bars
+# are off (for the code that leaves tqdm's `disable` to its default) because nbval compares stderr.
+NOTEBOOK_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+}
+
+
+def apply_notebook_env(environ=os.environ) -> list[str]:
+    """Set every NOTEBOOK_ENV variable that is unset; return warnings for those set to other values.
+
+    The kernel is started by jupyter_client with a copy of this process's environment, so setting them
+    here sets them for the kernel.
+    """
+    warnings = []
+    for key, value in NOTEBOOK_ENV.items():
+        current = environ.setdefault(key, value)
+        if current != value:
+            warnings.append(f"{key}={current} from the environment (make test uses {value}): the stored "
+                            "outputs may not match what nbval sees in CI")
+    return warnings
+
+
+def widget_cells(nb) -> list[int]:
+    """0-based indices of the cells whose outputs include an ipywidgets view."""
+    return [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+            and any(WIDGET_MIME in out.get("data", {}) for out in cell.get("outputs", []))]
 
 
 class CurrentEnvKernelSpecManager(KernelSpecManager):
@@ -66,10 +112,17 @@ def execute(path: Path) -> bool:
     except CellExecutionError as err:
         print(f"FAILED {name}: not written back\n{err}", file=sys.stderr)
         return False
+    seconds = time.perf_counter() - start
+    widgets = widget_cells(nb)
+    if widgets:
+        print(f"FAILED {name} ({seconds:.0f} s): not written back: cells {widgets} (0-based) output "
+              "ipywidgets views (a progress bar? pass progress=False), which the book renders as noise",
+              file=sys.stderr)
+        return False
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
     nbformat.validate(nb)
     nbformat.write(nb, path)
-    print(f"ok     {name} ({time.perf_counter() - start:.0f} s)")
+    print(f"ok     {name} ({seconds:.0f} s)")
     return True
 
 
@@ -77,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in _toc.yml")
     args = parser.parse_args(argv)
+    for warning in apply_notebook_env():
+        print(f"warning: {warning}", file=sys.stderr)
     paths = [p.resolve() for p in args.notebooks] or toc_notebooks()
     if not paths:
         print("No notebooks to execute (none listed in _toc.yml exists).")
