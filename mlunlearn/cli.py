@@ -30,13 +30,13 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--output", default="results.json", help="result JSON, official format (default: results.json)")
     p.add_argument("--records", default=None, help="also write every question and reply to this JSON-lines file")
     p.add_argument("--batch-size", type=_positive, default=8, help="prompts per generate() call (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="reply length cap in tokens (default: 50)")
+    p.add_argument("--max-new-tokens", type=_positive, default=50, help="reply length cap in tokens (default: 50)")
     p.add_argument("--limit", type=_positive, default=None,
                    help="keep the first N questions of each mode, task and modality (quick runs)")
     p.add_argument("--few-shot", action="store_true", help="prepend the official one-shot examples")
     p.add_argument("--benign", default=None, metavar="PATH",
                    help="also measure benign-question accuracy and refusal rate; write them to PATH")
-    p.add_argument("--seed", type=int, default=0, help="seed for the test-view and one-shot choices (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the test-view and one-shot choices (default: 0)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads for torch (default: 1, the fastest for the tiny model; raise it for a "
@@ -141,6 +141,8 @@ def run_eval(args) -> int:
     from mlunlearn.models import load_model
     from mlunlearn.utils import set_seed
 
+    # Why first of all: an output that cannot be written must fail now, not after the whole evaluation.
+    _check_outputs(args)
     # Why one thread by default: with two, a tiny model's step times jump from ms to seconds.
     set_seed(args.seed, threads=args.threads)
     # Why first: a bad config, column or image should fail in a second, before the model loads.
@@ -170,6 +172,22 @@ def run_eval(args) -> int:
     return 0
 
 
+def _check_outputs(args) -> None:
+    """Every file ``eval`` will write can be written, and no two of them are the same file."""
+    from mlunlearn.utils import OutputPathError, check_writable
+
+    outputs = {"--output": args.output, "--records": args.records, "--benign": args.benign}
+    seen = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        resolved = check_writable(path, kind="file", what=option).resolve()
+        if resolved in seen:
+            raise OutputPathError(f"{seen[resolved]} and {option} are the same file ({path}); the second "
+                                  "would overwrite the first; fix: give each its own file name")
+        seen[resolved] = option
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete, one-line explanation with a fix."""
     from mlunlearn.data import BenchmarkError
@@ -177,8 +195,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlunlearn.engine import NonFiniteLossError
     from mlunlearn.methods import MethodError
     from mlunlearn.models import ModelLoadError
+    from mlunlearn.utils import OutputPathError
 
-    return BenchmarkError, ModelLoadError, MethodError, UnlearningDataError, NonFiniteLossError
+    return BenchmarkError, ModelLoadError, MethodError, UnlearningDataError, NonFiniteLossError, OutputPathError
 
 
 def _positive(text: str) -> int:
@@ -186,6 +205,14 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed NumPy accepts, 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
     return value
 
 

@@ -1,9 +1,11 @@
-"""Small helpers every chapter uses: seeding, device and dtype choice."""
+"""Small helpers every chapter uses: seeding, device and dtype choice; checked, atomic output files."""
 
 from __future__ import annotations
 
 import os
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,3 +39,101 @@ def default_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output files: checked before any work, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+class OutputPathError(ValueError):
+    """An output location that cannot be written; the message names the problem and the fix."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (what a later ``mkdir(parents=True)`` writes in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path, kind: str = "file", what: str | None = None) -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` can be written as a ``kind`` ("file" or "folder").
+
+    Run it before loading a model or training, so no work is lost on a path found bad at the end. A file
+    must not be an existing folder; a folder must not be an existing file. The closest existing folder on
+    the way (the path's own folder, or the one a ``mkdir(parents=True)`` would start in) must accept a
+    new file: that is tried with a small probe file, deleted at once (``os.access`` says yes to root on
+    read-only file systems such as ``/proc``). Nothing is created. ``what`` names the option in the
+    message (e.g. ``"--output"``). Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    path = Path(path).expanduser()
+    label = f"{what} {path}" if what else str(path)
+    if kind == "file" and path.is_dir():
+        raise OutputPathError(f"{label} is a folder, not a file; fix: give a file name, e.g. {path / 'results.json'}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{label} is a file, not a folder; fix: give a new or existing folder")
+    start = path if kind == "folder" and path.is_dir() else _nearest_existing(path.parent)
+    if not start.is_dir():
+        raise OutputPathError(f"cannot write {label}: {start} is a file, not a folder; "
+                              "fix: choose a path whose parents are folders")
+    try:
+        fd, probe = tempfile.mkstemp(dir=start, prefix=".mlunlearn-probe-")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputPathError(f"cannot write {label}: {start} is not writable (creating a file there "
+                              f"fails: {reason}); fix: choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def write_atomic(path, text: str | bytes, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` so that ``path`` is either its old content or the whole new one.
+
+    The text is encoded first, written to a temporary file in the same folder, flushed and fsync'ed, then
+    renamed over ``path`` with :func:`os.replace` (atomic on POSIX and Windows). On any failure the
+    temporary file is removed and ``path`` is left untouched. The new file gets the usual permissions
+    (``0o666`` minus the umask, or the old file's), not ``mkstemp``'s private ``0o600``. Parent folders
+    are created. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    data = text.encode(encoding) if isinstance(text, str) else bytes(text)  # why first: fail before any file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (best effort: not every OS or file system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -23,8 +23,13 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 HUB_ID = "MLLMMU/MLLMU-Bench"
-# Columns stored as JSON strings by some exports; parsed back to Python structures on load.
-_NESTED = ("Classification_Task", "Generation_Task", "Mask_Task")
+# Columns stored as JSON strings by some exports; parsed back to Python structures on load, and the
+# JSON kind each must hold (Classification_Task: {"Image_Textual_Questions": [...], ...}).
+_NESTED = {"Classification_Task": dict, "Generation_Task": list, "Mask_Task": list}
+# ft_Data's question-answer pairs: a JSON string in the hub's files, kept as one (parsed by the unlearning
+# data), but checked on load so that a bad cell is named here rather than failing mid-run.
+_JSON_CHECKED = {"metadata": list}
+_KIND_NAMES = {dict: "a JSON object", list: "a JSON list"}
 
 
 class BenchmarkError(ValueError):
@@ -52,6 +57,22 @@ def require_columns(rows: list, columns, config: str) -> None:
     if missing:
         raise BenchmarkError(f"config '{config}' has no column {', '.join(map(repr, missing))}; "
                              f"it has {sorted(rows[0])} — is this MLLMU-Bench's layout?")
+
+
+def parse_json_cell(text: str, config: str, column: str, row_id=None, kind: type | None = None):
+    """Parse one JSON-string cell; a cell that does not parse (or is not of ``kind``, list or dict) is a
+    one-line :class:`BenchmarkError` naming the config, the column and the row's ID."""
+    where = f"config '{config}', column '{column}', row ID {row_id if row_id is not None else '?'}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BenchmarkError(f"{where}: the JSON string does not parse ({exc.msg}, character {exc.pos} of "
+                             f"{len(text)}; truncated?); fix: re-export that cell as valid JSON") from None
+    if kind is not None and value is not None and not isinstance(value, kind):
+        raise BenchmarkError(f"{where}: the JSON holds {type(value).__name__} {str(value)[:30]!r}, not "
+                             f"{_KIND_NAMES.get(kind, kind.__name__)}; fix: re-export that cell in "
+                             "MLLMU-Bench's layout")
+    return value
 
 
 class Benchmark:
@@ -95,9 +116,12 @@ class Benchmark:
         except (pa.ArrowInvalid, OSError) as exc:
             raise BenchmarkError(f"cannot read {folder}: {exc}; is it a parquet file?") from None
         for row in rows:
-            for key in _NESTED:
+            for key, kind in _NESTED.items():
                 if isinstance(row.get(key), str):
-                    row[key] = json.loads(row[key])
+                    row[key] = parse_json_cell(row[key], config, key, row.get("ID"), kind)
+            for key, kind in _JSON_CHECKED.items():
+                if isinstance(row.get(key), str):
+                    parse_json_cell(row[key], config, key, row.get("ID"), kind)
         return rows
 
     def __repr__(self) -> str:

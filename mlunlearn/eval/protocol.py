@@ -198,21 +198,33 @@ def generate_replies(
 # Building the questions of the four modes
 # ----------------------------------------------------------------------------------------------------
 
-def _require(bench, config: str, columns: Sequence[str], why: str) -> list[dict]:
-    """Load ``config`` and check its columns, or fail with a one-line message saying how to fix it."""
+def _require(bench, config: str, columns: Sequence[str], why: str, image_column: str = "image") -> list[dict]:
+    """Load ``config`` and check its columns, or fail with a one-line message saying how to fix it.
+
+    An empty config is an error too (a mode without rows would silently vanish from the results).
+    ``image_column`` is the name the message gives for the image: ``images`` for Test_Set, whose rows
+    hold a list of transformed views (a single ``image`` is accepted as well).
+    """
     if not bench.has(config):
         raise BenchmarkError(
             f"the benchmark has no config '{config}' (needed for {why}); "
             f"fix: add {config}/ (from MLLMU-Bench) to the data folder"
         )
     rows = bench.load(config)
+    if not rows:
+        raise BenchmarkError(
+            f"config '{config}' has no rows (needed for {why}), so its results would be missing; "
+            f"fix: check the data folder's {config}/ files (MLLMU-Bench's hold one row per person)"
+        )
     for column in columns:
         alternatives = ("image", "images") if column == "image" else (column,)
         missing = [r.get("ID", "?") for r in rows if not any(a in r for a in alternatives)]
         if missing:
+            named = image_column if column == "image" else column
             raise BenchmarkError(
-                f"config '{config}' has no column '{column}' (first row without it: ID {missing[0]}); "
-                "fix: use MLLMU-Bench's column names (ID, image, Classification_Task, Mask_Task, Generation_Task)"
+                f"config '{config}' has no column '{named}' (first row without it: ID {missing[0]}); "
+                "fix: use MLLMU-Bench's column names (ID, image, Classification_Task, Mask_Task, Generation_Task"
+                + (f"; {config} keeps its views in 'images')" if named == "images" else ")")
             )
     return rows
 
@@ -222,6 +234,10 @@ def _row_image(row: dict, mode: str, seed: int):
     views = row.get("images")
     if mode == "test" and views is not None and len(views) > 0:
         return random.Random(f"{seed}-view-{row['ID']}").choice(list(views))
+    if row.get("image") is None:
+        column = "images" if mode == "test" else "image"
+        raise BenchmarkError(f"the {mode} row of ID {row.get('ID', '?')} has no image (its '{column}' is empty); "
+                             f"fix: store that row's {column} as PNG or JPEG bytes")
     return row["image"]
 
 
@@ -302,9 +318,18 @@ def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks
     queries: list[Query] = []
     for mode in modes:
         config = configs[mode]
-        rows = forget_rows if mode == "forget" else _require(bench, config, columns, f"the {mode} mode")
+        image_column = "images" if mode == "test" else "image"
+        rows = forget_rows if mode == "forget" else _require(bench, config, columns, f"the {mode} mode",
+                                                             image_column)
         if mode == "test":
             rows = [r for r in rows if r["ID"] in forget_ids]
+            if not rows:
+                raise BenchmarkError(
+                    f"config '{config}' has no rows for the {len(forget_ids)} people of {configs['forget']} "
+                    f"(IDs {', '.join(sorted(map(str, forget_ids))[:3])}, ...), so the test mode would be "
+                    f"missing; fix: use the {config} that goes with {configs['forget']}, or leave out the "
+                    "test mode (modes=...)"
+                )
         for task in tasks:
             shots = _pick_shots(task, mode, [r["ID"] for r in rows], shot_rows, seed) if few_shot else {}
             counts = {IMAGE: 0, TEXT: 0}

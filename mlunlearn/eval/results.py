@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from mlunlearn.utils import write_atomic
+
 __all__ = ["Record", "EvalResult", "MODE_TITLES", "PERCENT_METRICS"]
 
 # The official script's top-level keys, in its order.
@@ -195,19 +197,19 @@ class EvalResult:
         return wide.reindex([m for m in MODE_TITLES if m in wide.index])
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_official` (or :meth:`to_benign` for a benign run) as indented JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write :meth:`to_official` (or :meth:`to_benign` for a benign run) as indented JSON.
+
+        Atomic (:func:`mlunlearn.utils.write_atomic`): if serialising or writing fails, an older file at
+        ``path`` is left as it was, never half-written.
+        """
         benign_only = bool(self.records) and all(r.mode == "benign" for r in self.records)
         data = self.to_benign() if benign_only else self.to_official()
-        path.write_text(json.dumps(data, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return write_atomic(path, json.dumps(data, indent=4, ensure_ascii=False) + "\n")
 
     def save_records(self, path: str | Path) -> Path:
-        """Write every record (question, reply, reference, scores) as JSON lines, for inspection."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for record in self.records:
-                f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-        return path
+        """Write every record (question, reply, reference, scores) as JSON lines, for inspection.
+
+        Atomic, like :meth:`save_json`: every line is serialised before the file is touched.
+        """
+        text = "".join(json.dumps(asdict(record), ensure_ascii=False) + "\n" for record in self.records)
+        return write_atomic(path, text)

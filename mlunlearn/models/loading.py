@@ -26,15 +26,101 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded as asked; the message names the problem and the fix."""
 
 
+def _read_json(file: Path, fix: str) -> object:
+    """Parse a JSON file of a model folder, or fail in one line naming the file, the place and ``fix``."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{file} is not valid JSON (not UTF-8 text); fix: {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{file} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}; "
+                             f"truncated?); fix: {fix}") from None
+
+
 def _check_llava(folder: Path) -> None:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise ModelLoadError(f"{folder} has no config.json; pass a folder written by save_pretrained, "
                              "a Hugging Face id like llava-hf/llava-1.5-7b-hf, or 'tiny'")
-    model_type = json.loads(cfg.read_text()).get("model_type")
+    config = _read_json(cfg, "restore the file, or save the model again with save_pretrained")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "llava":
         raise ModelLoadError(f"{folder} holds a '{model_type}' model, not LLaVA; mlunlearn needs a "
                              "LlavaForConditionalGeneration checkpoint (e.g. llava-hf/llava-1.5-7b-hf)")
+
+
+_RESAVE = "copy or download the weights again, or save the model again with save_pretrained"
+
+
+def _check_weights(folder: Path) -> None:
+    """The folder's safetensors weights exist and their headers read, before anything is loaded.
+
+    One ``model.safetensors``, or the shards listed in ``model.safetensors.index.json``. Only the header of
+    each file is read (cheap); a missing, truncated or random-bytes file fails here in one line.
+    """
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = _read_json(index, _RESAVE)
+        shards = sorted(set(weight_map.get("weight_map", {}).values())) if isinstance(weight_map, dict) else []
+        if not shards:
+            raise ModelLoadError(f"{index} lists no weight files; fix: {_RESAVE}")
+        files = [folder / shard for shard in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} is missing {len(missing)} of its {len(files)} weight shards "
+                                 f"({', '.join(missing[:3])}); fix: {_RESAVE}")
+    elif any(folder.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{folder} holds only PyTorch .bin weights and mlunlearn loads safetensors only "
+                             "(no pickle); fix: load it once with transformers and save_pretrained it "
+                             "(safetensors is the default)")
+    else:
+        raise ModelLoadError(f"{folder} has a config.json but its weights are missing (no model.safetensors); "
+                             f"fix: {_RESAVE}")
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({reason}): the copy is corrupt "
+                                 f"or truncated; fix: {_RESAVE}") from None
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch knows it and this machine has it, else :class:`ModelLoadError` (one line).
+
+    Called by :func:`load_model`, so ``mlunlearn eval``, ``mlunlearn unlearn`` and the chapters all fail
+    before any weights are read, rather than deep inside ``model.to(device)``.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; fix: use cpu, cuda, cuda:<N> or mps, "
+                             "or leave the device out to pick the best one") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available ({built}); "
+                                 "fix: use --device cpu, or leave the device out")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} asked for, but this machine has "
+                                 f"{torch.cuda.device_count()} GPU(s) (cuda:0..); fix: pick one of them")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but MPS (Apple silicon) is not available; "
+                                 "fix: use --device cpu, or leave the device out")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ModelLoadError(f"device {device!r} is not available on this machine; fix: use cpu, cuda or "
+                                 "mps, or leave the device out")
+    return device
 
 
 def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype | None = None,
@@ -46,15 +132,16 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards).
     ``attn_implementation="eager"`` is needed to read attention maps.
     """
-    device = device or default_device()
+    device = check_device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    local = None  # the folder to check before loading, when the model is on disk
     if name == TINY:
         from .vanilla import ASSET_DIR
 
         if not (ASSET_DIR / "model.safetensors").is_file():
             raise ModelLoadError(f"the tiny vanilla weights are missing from {ASSET_DIR}; reinstall the package "
                                  "or rebuild them with mlunlearn.models.load_vanilla(train_if_missing=True)")
-        source = str(ASSET_DIR)
+        source, local = str(ASSET_DIR), ASSET_DIR
     else:
         path = Path(name).expanduser()
         looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -64,8 +151,11 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
                                      "written by save_pretrained")
             if (path / "run.json").is_file():  # an `mlunlearn unlearn` output folder
                 return _load_run(path, device, dtype, quantization, attn_implementation)
-            _check_llava(path)
+            local = path
         source = str(path) if looks_local else name
+    if local is not None:
+        _check_llava(local)
+        _check_weights(local)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -84,19 +174,32 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
             raise
         raise ModelLoadError(f"cannot load {name!r} ({str(exc).splitlines()[0][:120]}); check the id or "
                              "folder, and the network (HF_HUB_OFFLINE=1 allows only cached models)") from None
+    try:  # the processor before the weights: a bad tokenizer file should not cost a 14 GB load
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # tokenizer/processor files missing or corrupt
+        raise ModelLoadError(f"cannot load the processor (tokenizer and image processor) of {name!r} "
+                             f"({_first_line(exc)}); fix: save the processor beside the model with "
+                             "processor.save_pretrained(folder), or restore its files") from None
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # why: a loading bar on stderr would differ run to run in notebooks
     try:
         model = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
+    except (SafetensorError, OSError) as exc:  # a hub download that is corrupt, or weights not found
+        raise ModelLoadError(f"cannot load the weights of {name!r} ({_first_line(exc)}); fix: {_RESAVE}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     if quantization is None:
         model = model.to(device)
-    processor = AutoProcessor.from_pretrained(source)
     return model.eval(), processor
+
+
+def _first_line(exc: BaseException, width: int = 120) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:width] if text else "") or type(exc).__name__
 
 
 def _load_run(path: Path, device, dtype, quantization, attn_implementation):
