@@ -96,32 +96,34 @@ def write_atomic(path, text: str | bytes, encoding: str = "utf-8") -> Path:
     renamed over ``path`` with :func:`os.replace` (atomic on POSIX and Windows). On any failure the
     temporary file is removed and ``path`` is left untouched. The new file gets the usual permissions
     (``0o666`` minus the umask, or the old file's), not ``mkstemp``'s private ``0o600``. Parent folders
-    are created. Returns ``path`` as a :class:`~pathlib.Path`.
+    are created; a symbolic link is written through (its target is replaced, the link kept). Returns
+    ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
     data = text.encode(encoding) if isinstance(text, str) else bytes(text)  # why first: fail before any file
-    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path.resolve() if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = path.stat().st_mode & 0o7777
+        mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(path.parent)
+    _fsync_folder(target.parent)
     return path
 
 

@@ -130,12 +130,29 @@ def test_truncated_config_json(tmp_path, capsys, bench_dir, model_dir):
     _assert_one_line_error(code, err, "config.json", "not valid JSON", "fix")
 
 
+def test_config_json_not_an_object(tmp_path, capsys, bench_dir, model_dir):
+    model = _copy(model_dir, tmp_path, "model")
+    (model / "config.json").write_text("[]\n")
+    code, _, err = _eval(capsys, "--model", str(model), "--data", str(bench_dir),
+                         "--output", str(tmp_path / "r.json"))
+    _assert_one_line_error(code, err, "config.json", "list", "fix")
+
+
 def test_corrupt_tokenizer(tmp_path, capsys, bench_dir, model_dir):
     model = _copy(model_dir, tmp_path, "model")
     (model / "tokenizer.json").write_text("{ not json")
     code, _, err = _eval(capsys, "--model", str(model), "--data", str(bench_dir),
                          "--output", str(tmp_path / "r.json"))
     _assert_one_line_error(code, err, "processor", "fix")
+
+
+def test_missing_processor(tmp_path, capsys, bench_dir, model_dir):
+    model = _copy(model_dir, tmp_path, "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        (model / name).unlink(missing_ok=True)
+    code, _, err = _eval(capsys, "--model", str(model), "--data", str(bench_dir),
+                         "--output", str(tmp_path / "r.json"))
+    _assert_one_line_error(code, err, "processor", "save_pretrained", "fix")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +236,16 @@ def test_metadata_that_does_not_parse(tmp_path):
     bench = open_benchmark(str(write_benchmark(configs, tmp_path / "bench")))
     with pytest.raises(BenchmarkError, match=rf"'ft_Data'.*'metadata'.*ID {bad['ID']}.*JSON"):
         unlearning_data(bench, 5)
+
+
+def test_metadata_that_does_not_parse_unlearn_cli(tmp_path, capsys):
+    configs = _small_configs()
+    bad = configs["ft_Data"][0]
+    bad["metadata"] = bad["metadata"][:-3]
+    folder = write_benchmark(configs, tmp_path / "bench")
+    code = main(["unlearn", "--no-progress", "--model", "tiny", "--data", str(folder), "--method", "ga",
+                 "--device", "cpu", "--output", str(tmp_path / "run")])
+    _assert_one_line_error(code, capsys.readouterr().err, "'ft_Data'", "'metadata'", f"ID {bad['ID']}", "fix")
 
 
 def test_empty_forget_split(tmp_path, capsys, bench_dir, no_model_load):
@@ -361,6 +388,15 @@ def test_write_atomic_replaces_and_keeps_normal_permissions(tmp_path):
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert _listing(path.parent) == ["out.json"]
+
+
+def test_write_atomic_through_a_symlink(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    utils.write_atomic(link, "new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])

@@ -43,7 +43,10 @@ def _check_llava(folder: Path) -> None:
         raise ModelLoadError(f"{folder} has no config.json; pass a folder written by save_pretrained, "
                              "a Hugging Face id like llava-hf/llava-1.5-7b-hf, or 'tiny'")
     config = _read_json(cfg, "restore the file, or save the model again with save_pretrained")
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg} holds a JSON {type(config).__name__}, not a model configuration object; "
+                             "fix: restore the file, or save the model again with save_pretrained")
+    model_type = config.get("model_type")
     if model_type != "llava":
         raise ModelLoadError(f"{folder} holds a '{model_type}' model, not LLaVA; mlunlearn needs a "
                              "LlavaForConditionalGeneration checkpoint (e.g. llava-hf/llava-1.5-7b-hf)")
@@ -105,7 +108,7 @@ def check_device(device: str) -> str:
         if not torch.cuda.is_available():
             built = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
             raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available ({built}); "
-                                 "fix: use --device cpu, or leave the device out")
+                                 "fix: use the cpu (--device cpu), or leave the device out")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ModelLoadError(f"device {device!r} asked for, but this machine has "
                                  f"{torch.cuda.device_count()} GPU(s) (cuda:0..); fix: pick one of them")
@@ -113,7 +116,7 @@ def check_device(device: str) -> str:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise ModelLoadError(f"device {device!r} asked for, but MPS (Apple silicon) is not available; "
-                                 "fix: use --device cpu, or leave the device out")
+                                 "fix: use the cpu (--device cpu), or leave the device out")
     elif parsed.type != "cpu":
         backend = getattr(torch, parsed.type, None)
         available = getattr(backend, "is_available", None)
@@ -132,7 +135,7 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards).
     ``attn_implementation="eager"`` is needed to read attention maps.
     """
-    device = check_device(device) if device is not None else default_device()
+    device = check_device(device) if device else default_device()
     dtype = dtype or default_dtype(device)
     local = None  # the folder to check before loading, when the model is on disk
     if name == TINY:
@@ -198,8 +201,13 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
 
 
 def _first_line(exc: BaseException, width: int = 120) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:width] if text else "") or type(exc).__name__
+    """The first line of an exception's message, cut at a sentence end when it is longer than ``width``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) > width:
+        cut = text[:width]
+        end = cut.rfind(". ")
+        text = cut[: end + 1] if end > width // 3 else cut.rstrip() + "…"
+    return text
 
 
 def _load_run(path: Path, device, dtype, quantization, attn_implementation):
