@@ -204,3 +204,26 @@ def test_widget_outputs_are_not_written_back(tmp_path):
     quiet = _tiny_notebook(tmp_path / "quiet.ipynb", bar.replace("desc='sweep'", "disable=True"))
     assert tool.main([str(quiet)]) == 0
     assert nbformat.read(quiet, as_version=4).cells[0].outputs == []
+
+
+def test_chapter_times_are_summed_per_notebook_under_xdist(tmp_path):
+    """book/conftest.py prints one line per chapter at the end of `make test-notebooks` (two workers)."""
+    import shutil
+    import subprocess
+    import sys
+
+    book = tmp_path / "book"
+    book.mkdir()
+    shutil.copy(BOOK / "conftest.py", book / "conftest.py")
+    _tiny_notebook(book / "01_fine.ipynb", "print('one')", "print('two')")
+    _tiny_notebook(book / "02_broken.ipynb", "raise RuntimeError('broken chapter')")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope",
+         "--nbval-lax", "--nbval-current-env", "book"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    summary = run.stdout.split("time per chapter", 1)[1].splitlines()
+    assert re.search(r"^\s*0 min \d\d s  passed  book/01_fine\.ipynb$", "\n".join(summary), re.M)
+    assert re.search(r"^\s*0 min \d\d s  FAILED  book/02_broken\.ipynb$", "\n".join(summary), re.M)
+    assert "(sum over chapters)" in run.stdout
