@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -32,26 +33,41 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from mlunlearn.data.unlearning import (
     PairedCollator, PairedDataset, PairedSampler, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
 )
-from mlunlearn.methods import Method, MethodError, Reference, get_method, trainable_parameter_names
+from mlunlearn.methods import Method, MethodError, get_method, trainable_parameter_names
+from mlunlearn.methods.params import STATE_FILE, load_trainable_state, save_trainable_state
 from mlunlearn.methods.registry import convert
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings that shape the trajectory: a resume must use the values its checkpoints were written with.
+_TRAJECTORY = ("lr", "batch_size", "grad_accum", "warmup", "scheduler", "weight_decay", "max_grad_norm", "seed",
+               "precision")
+CHECKPOINT_METHOD = "method.json"  # in each checkpoint: the method and settings that wrote it
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped (earlier checkpoints are kept)."""
 
 
+class OutputFolderError(ValueError):
+    """The output folder cannot take this run (it holds another run, or cannot be written)."""
+
+
 @dataclass
 class UnlearnConfig:
     """Optimisation settings shared by every method (a method's own hyper-parameters live on the method).
 
-    Defaults are MLLMU-Bench's for LLaVA-1.5-7B (AdamW, lr 2e-5, batch 4, 1 epoch); the tiny model needs
-    a larger learning rate and more epochs (book chapter 2 sets them and shows why).
+    ``lr``, ``epochs`` and ``batch_size`` left at ``None`` take the method's defaults for the model's family
+    (:meth:`mlunlearn.methods.Method.engine_defaults`): on the tiny model the rates and epochs the book's
+    chapters tuned, on LLaVA-1.5 MLLMU-Bench's published 7B settings (lr 2e-5, batch 4, 1 epoch). What
+    was applied is recorded in ``run.json``.
     """
 
-    lr: float = 2e-5
-    epochs: float = 1.0
+    lr: float | None = None
+    epochs: float | None = None
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4
+    batch_size: int | None = None
     grad_accum: int = 1
     warmup: float = 0.0  # steps, or a fraction of all steps when < 1
     scheduler: str = "constant"
@@ -63,12 +79,57 @@ class UnlearnConfig:
     save_steps: int = 0  # > 0: a checkpoint every N steps (resumable)
     save_total_limit: int = 2
     resume: bool = False  # resume from the last checkpoint in ``output/checkpoints``
-    merge: bool = True  # fold LoRA adapters into the weights when saving / returning (not for 4-bit models)
+    merge: bool = True  # fold the trained tensors into plain weights when saving / returning (not 4-bit)
     progress: bool = True
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "UnlearnConfig":
+        """One-line :class:`MethodError` for a value that cannot make a run; returns ``self``."""
+        def fail(key, why):
+            raise MethodError(f"{key}={getattr(self, key)!r}: {why}")
+
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            fail("lr", "must be a positive number (e.g. lr=1e-3)")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            fail("epochs", "must be > 0 (or set max_steps)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            fail("max_steps", "must be >= 1 (or -1: train for `epochs`)")
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                fail(key, "must be >= 1")
+        for key in ("warmup", "weight_decay", "max_grad_norm", "save_steps"):
+            if getattr(self, key) < 0:
+                fail(key, "must be >= 0")
+        if self.scheduler not in SCHEDULERS:
+            fail("scheduler", f"use one of {', '.join(SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"use one of {', '.join(PRECISIONS)}")
+        return self
+
+    def resolved(self, defaults: dict) -> "UnlearnConfig":
+        """A copy with every unset (``None``) setting taken from ``defaults``."""
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     @classmethod
     def keys(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def types(cls) -> dict:
+        """The type each setting converts a command-line string to (``None`` defaults have one too)."""
+        kinds = {"lr": 1.0, "epochs": 1.0, "batch_size": 1}
+        return {k: kinds.get(k, v) for k, v in cls.keys().items()}
+
+
+def model_family(model) -> str:
+    """``"llava-1.5"`` for a model of LLaVA-1.5's width (a 4096- or 5120-wide language model, real weights
+    or a reduced-depth stand-in), else ``"tiny"``: which engine defaults apply."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = getattr(base.config, "text_config", None)
+    return "llava-1.5" if getattr(text, "hidden_size", 0) >= 4096 else "tiny"
 
 
 @dataclass
@@ -102,7 +163,7 @@ def split_settings(settings: dict, method_name: str) -> tuple[dict, dict]:
         if key in method_keys:
             method_kw[key] = value
         elif key in engine_keys:
-            engine_kw[key] = convert(engine_keys[key], value, key)
+            engine_kw[key] = convert(UnlearnConfig.types()[key], value, key)
         else:
             raise MethodError(f"unknown setting {key!r} for {method_name}; method settings: "
                               f"{', '.join(method_keys)}; engine settings: {', '.join(engine_keys)}")
@@ -120,18 +181,21 @@ def check_llava(model) -> None:
 
 
 class UnlearnTrainer(Trainer):
-    """A ``Trainer`` whose loss is the method's, with every loss term logged and a finiteness guard."""
+    """A ``Trainer`` whose loss is the method's (plus its add-on terms), every term logged, a finiteness
+    guard, and checkpoints that hold the method's whole trainable state."""
 
-    def __init__(self, *args, method: Method, reference: Reference | None, **kwargs):
+    def __init__(self, *args, method: Method, reference, parametrisation, method_record: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method, self.reference = method, reference
+        self.method, self.reference, self.parametrisation = method, reference, parametrisation
+        self.method_record = method_record
         self._terms: dict = {}
         # Why: LLaVA's forward takes **kwargs, so the Trainer would assume the loss is already normalised
         # over gradient-accumulation steps; ours is a per-batch mean, so let the Trainer divide it.
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        terms = self.method.loss(model, inputs, self.reference)
+        terms = self.method.total_loss(model, inputs, self.reference)
+        inputs.pop("_logits", None)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             last = _last_checkpoint(self.args.output_dir)
@@ -150,14 +214,17 @@ class UnlearnTrainer(Trainer):
         # generator (dropout consumes it), or a resumed or multi-process run would see other pairs.
         return PairedSampler(len(dataset), seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
+    def _save(self, output_dir=None, state_dict=None):
+        # Why not save_pretrained: peft would save only the LoRA tensors (a sine projector, biases or masks
+        # would restart from vanilla on resume); the trainable state is every tensor that trains.
+        folder = Path(output_dir or self.args.output_dir)
+        save_trainable_state(self.parametrisation, self.model, folder)
+        _write_json(folder / CHECKPOINT_METHOD, self.method_record)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = model if model is not None else self.model
-        if hasattr(model, "peft_config"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # Why: save_pretrained writes LLaVA's weights under its legacy key names and the Trainer reloads
-        # them verbatim (every key "missing"); from_pretrained applies the key mapping.
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict())
+        folder = Path(resume_from_checkpoint)
+        _check_resumable(folder, self.method_record)
+        load_trainable_state(self.parametrisation, model if model is not None else self.model, folder)
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._terms:  # a training log: add the mean of each term since the last one
@@ -165,6 +232,40 @@ class UnlearnTrainer(Trainer):
                 logs[k if k != "loss" else "objective"] = sum(v) / len(v)
             self._terms = {}
         super().log(logs, start_time)
+
+
+def _check_resumable(folder: Path, record: dict) -> None:
+    """A one-line error unless the checkpoint in ``folder`` was written by this method with these settings."""
+    path = folder / CHECKPOINT_METHOD
+    if not path.is_file():
+        raise MethodError(f"{folder} was not written by this version of mlunlearn (no {CHECKPOINT_METHOD}); "
+                          "start over with overwrite")
+    saved = json.loads(path.read_text())
+    if saved.get("method") != record["method"]:
+        raise MethodError(f"cannot resume {record['method']} from {folder}: its checkpoints were written by "
+                          f"{saved.get('method')}; use --method {saved.get('method')}, or start over with overwrite")
+    diff = [f"{k}: {saved[part].get(k)!r} -> {v!r}" for part in ("hyperparameters", "trajectory")
+            for k, v in record[part].items() if saved.get(part, {}).get(k) != v]
+    if diff:
+        raise MethodError(f"cannot resume from {folder} with other settings ({'; '.join(diff)}); use the "
+                          "checkpoint's settings (only max_steps/epochs may grow), or start over with overwrite")
+
+
+class _UpdateHook(TrainerCallback):
+    """Apply a method's ``update_hook`` to every optimiser update: θ ← θ_before + hook(θ_after − θ_before)."""
+
+    def __init__(self, model, hook):
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.hook, self.before = hook, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.before = [p.detach().clone() for _, p in self.params]
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kw):
+        for (name, p), before in zip(self.params, self.before):
+            p.copy_(before + self.hook(name, p, p - before))
+        self.before = None
 
 
 def _last_checkpoint(folder) -> str | None:
@@ -199,7 +300,9 @@ def _precision(choice: str, device: torch.device) -> dict:
 
 def prepare_data(method: Method, bench, forget: int, model, processor) -> UnlearningData:
     """The forget/retain examples plus what the method needs (refusal answers, Prompt Decouple pairs)."""
-    data = unlearning_data(bench, forget)
+    from mlunlearn.benchmarks import as_benchmark
+
+    data = as_benchmark(bench).unlearning_data(forget)
     if method.needs_refusals:
         add_refusals(data)
     if method.pd > 0:
@@ -212,29 +315,66 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
+def check_output(output, overwrite: bool = False, resume: bool = False) -> Path | None:
+    """Check, before anything loads or trains, that ``output`` can take this run; returns it as a Path.
+
+    A folder that already holds files is refused unless ``overwrite`` (the new run replaces the old one)
+    or ``resume`` (the run continues the folder's checkpoints). The folder must be writable.
+    """
+    if output is None:
+        return None
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--output {out} is a file; give a folder for the run")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not (overwrite or resume):
+        raise OutputFolderError(f"--output {out} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; "
+                                "pass --overwrite to replace that run, or --set resume=true to continue it")
+    if resume and not (out / "checkpoints").is_dir():
+        raise OutputFolderError(f"resume=true but {out} has no checkpoints/ folder; train with save_steps=N "
+                                "to write checkpoints, or drop resume")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mlunlearn-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputFolderError(f"cannot write to --output {out} ({exc.strerror or exc}); choose a writable folder") from None
+    return out
+
+
 def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config: UnlearnConfig | None = None,
-            output: str | Path | None = None, processor=None, callbacks=None, **hparams) -> UnlearnResult:
+            output: str | Path | None = None, processor=None, callbacks=None, overwrite: bool = False,
+            **hparams) -> UnlearnResult:
     """Unlearn ``forget_{forget}`` of ``data`` from ``model`` with ``method``.
 
     ``model``: a name for :func:`mlunlearn.models.load_model` or a loaded model (then pass ``processor``).
-    ``data``: a source for :func:`mlunlearn.data.open_benchmark` or a :class:`Benchmark`.
-    ``method``: a registered name (with ``**hparams``) or a :class:`Method`. ``output``: a folder to write
-    the model (``model/``, or ``adapter/`` when not merged), checkpoints and ``run.json``. ``callbacks``:
-    extra ``transformers.TrainerCallback`` objects (e.g. :class:`mlunlearn.analysis.ProjectorMonitor`).
-    The loaded model is modified in place (pass a copy to keep the original).
+    ``data``: a source for :func:`mlunlearn.benchmarks.get_benchmark` (``"toyworld"``, ``"mllmu-bench"``,
+    a folder), a benchmark, or the files of one (:func:`mlunlearn.data.open_benchmark`).
+    ``method``: a registered name (with ``**hparams``) or a :class:`Method`. ``config``: engine settings;
+    those left unset take the method's defaults for the model's family. ``output``: a folder for the model,
+    checkpoints and ``run.json``; a folder that holds a run needs ``overwrite=True`` or ``config.resume``.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g.
+    :class:`mlunlearn.analysis.ProjectorMonitor`). The loaded model is modified in place (pass a copy to
+    keep the original).
     """
-    from mlunlearn.data import open_benchmark
+    from mlunlearn.benchmarks import as_benchmark
     from mlunlearn.models import load_model
 
-    config = config or UnlearnConfig()
+    config = (config or UnlearnConfig()).check()
     method = method if isinstance(method, Method) else get_method(method, **hparams)
+    out = check_output(output, overwrite, config.resume)
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
     if isinstance(model, str):
         model, processor = load_model(model)
     elif processor is None:
         raise MethodError("pass processor=... together with a loaded model")
     check_llava(model)
-    bench = open_benchmark(data) if isinstance(data, str) else data
+    bench = as_benchmark(data)
+    family = model_family(model)
+    defaults = method.engine_defaults(family)
+    applied = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    config = config.resolved(defaults)
     device = next(model.parameters()).device
     precision = _precision(config.precision, device)
 
@@ -242,19 +382,21 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     set_seed(config.seed)  # before the adapters are initialised: same seed, same run
     examples = prepare_data(method, bench, forget, model.eval(), processor)
     separate = None
-    if method.needs_reference and getattr(method, "reference", "vanilla") != "vanilla":
+    if method.uses_reference() and getattr(method, "reference", "vanilla") != "vanilla":
         separate, _ = load_model(method.reference, device=str(device))
-    model = method.prepare(model)
-    hooks = method.install_hooks(model)
-    reference = Reference(model, separate) if method.needs_reference else None
+    parametrisation = method.parametrisation()
+    model = parametrisation.apply(model)
+    reference = parametrisation.reference(model, separate) if method.uses_reference() else None
+    method.setup(model, examples, processor)
     trainable = trainable_parameter_names(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not trainable:
         raise MethodError(f"{method.name} with params={method.params!r} trains no parameter")
 
-    out = Path(output) if output is not None else None
     keep = out is not None and (config.save_steps > 0 or config.resume)
     ckpt_dir = str(out / "checkpoints") if keep else _scratch_dir()
+    if keep and overwrite and not config.resume:  # an older run's checkpoints must not be resumed by mistake
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     args = TrainingArguments(
         output_dir=ckpt_dir, learning_rate=config.lr, num_train_epochs=config.epochs, max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
@@ -266,37 +408,49 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         report_to=[], disable_tqdm=not config.progress, remove_unused_columns=False,
         dataloader_num_workers=0, use_cpu=device.type == "cpu", **precision,
     )
+    record = {"method": method.name, "hyperparameters": _jsonable(method.settings()),
+              "trajectory": {k: getattr(config, k) for k in _TRAJECTORY}}
     timing = _Timing()
+    hook = method.update_hook()
+    extra = [_UpdateHook(model, hook)] if hook is not None else []
     trainer = UnlearnTrainer(model=model, args=args, train_dataset=PairedDataset(examples, seed=config.seed),
                              data_collator=PairedCollator(processor), method=method, reference=reference,
-                             callbacks=[timing, *(callbacks or [])])
+                             parametrisation=parametrisation, method_record=record,
+                             callbacks=[timing, *extra, *(callbacks or [])])
     if not config.progress:  # without a bar the Trainer prints every log dict: keep notebooks quiet
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     resume = _last_checkpoint(ckpt_dir) if config.resume else None
     if config.resume and resume is None:
-        raise MethodError(f"resume=true but there is no checkpoint in {ckpt_dir}")
+        raise OutputFolderError(f"resume=true but there is no checkpoint in {ckpt_dir}")
+    start_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        for h in hooks:
-            h.remove()
-        if not keep and config.save_steps == 0:  # nothing was written there: leave no empty folder behind
+        if not keep:  # the scratch folder: nothing in it is needed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-    model = method.finalize(trainer.model).eval()
+    if trainer.state.global_step <= start_step:
+        raise MethodError(f"nothing to resume: {resume} already has {start_step} steps, as many as asked for; "
+                          "raise max_steps or epochs to train on (nothing was written)")
     log = [dict(r) for r in trainer.state.log_history]
-    if config.merge and hasattr(model, "merge_and_unload") and not getattr(model, "is_loaded_in_4bit", False):
-        model = model.merge_and_unload()
+    model = trainer.model
+    merged = config.merge and parametrisation.can_merge(model)
+    if merged:
+        model = parametrisation.merge(model)
+    model = model.eval()
 
     run = {
         "method": method.name, "hyperparameters": method.settings(), "config": dataclasses.asdict(config),
-        "model": model_name, "data": bench.name, "forget": forget, "seed": config.seed,
+        "defaults": {"family": family, "applied": applied},
+        "model": model_name, "data": bench.source, "forget": forget, "seed": config.seed,
         "examples": {"forget": len(examples.forget), "retain": len(examples.retain)},
         "trainable_parameters": n_trainable,
         "trainable_tensors": len(trainable),
+        "parametrisation": parametrisation.name,
         "reference": reference.kind if reference else None,
         "steps": trainer.state.global_step,
+        "resumed_from": Path(resume).name if resume else None,
         "seconds": {"total": round(time.time() - t0, 2),
                     "train": round(sum(timing.step_seconds), 2),
                     "per_step_median": round(sorted(timing.step_seconds)[len(timing.step_seconds) // 2], 4)
@@ -304,7 +458,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         "log": log,
     }
     if out is not None:
-        save_run(model, processor, run, out, progress=config.progress)
+        save_run(model, processor, run, out, progress=config.progress, merged=merged,
+                 parametrisation=parametrisation)
     return UnlearnResult(model, processor, log, run)
 
 
@@ -314,28 +469,63 @@ def _scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="mlunlearn-")
 
 
-def save_run(model, processor, run: dict, out: Path, progress: bool = True) -> Path:
-    """Write ``run.json`` and the model: ``model/`` (a plain LLaVA checkpoint) or ``adapter/`` (peft)."""
+def save_run(model, processor, run: dict, out: Path, progress: bool = True, merged: bool = True,
+             parametrisation=None) -> Path:
+    """Write the run's model and ``run.json`` into ``out``, and remove what an older run left there.
+
+    ``model/``: a plain LLaVA checkpoint (``merged``); else ``trainable.safetensors``: every trained tensor,
+    which :func:`mlunlearn.models.load_model` applies to the base model ``run["model"]`` through the
+    method's parametrisation. Each is written under a temporary name and renamed; ``run.json`` is written
+    last, atomically, so a folder with a ``run.json`` always holds the model it describes.
+    """
     from transformers.utils import logging as hf_logging
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / ("adapter" if hasattr(model, "peft_config") else "model")
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(target, safe_serialization=True)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if target.name == "model":
-        processor.save_pretrained(target)
-    run = dict(run, saved=target.name)
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=_json_default))
+    (out / "run.json").unlink(missing_ok=True)  # from here until the end the folder holds no valid run
+    if merged:
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        processor.save_pretrained(tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        tmp.replace(out / "model")
+        written = {"model"}
+    else:
+        save_trainable_state(parametrisation, model, out)
+        written = {STATE_FILE}
+    written.add("run.json")
+    if run.get("config", {}).get("save_steps", 0) > 0 or run.get("resumed_from"):
+        written.add("checkpoints")  # this run's own checkpoints (an older run's are removed below)
+    for stale in out.iterdir():  # what an older run wrote and this one did not (model/ vs trainable, adapter/)
+        if stale.name not in written:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    run = dict(run, saved=next(iter(written & {"model", STATE_FILE})))
+    _write_json(out / "run.json", run)
     return out
 
 
+def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, default=_json_default))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
     return str(x)

@@ -1,30 +1,47 @@
-"""What every unlearning method is: a loss over paired forget/retain batches, and the parameters it trains.
+"""What every unlearning method is: a parametrisation (what trains), an objective (its loss), and the
+add-on terms and hooks the engine applies (book chapter 2).
 
 A method is a dataclass whose fields are its hyper-parameters (``--set key=value`` on the command line).
 The engine (:mod:`mlunlearn.engine`) calls, in order:
 
-1. :meth:`Method.prepare` — choose the trainable parameters (LoRA adapters via peft, the projector, ...)
-   and return the model to train;
-2. :meth:`Method.install_hooks` — anything that shapes gradients (masks, projections); none for baselines;
+1. :meth:`Method.parametrisation` — a :class:`~mlunlearn.methods.params.Parametrisation` that freezes
+   the model and adds or unfreezes what trains (LoRA via peft, the projector, sine deltas, ...); it also
+   saves and reloads the trainable state and merges it back into a plain LLaVA;
+2. :meth:`Method.setup` — once, before training, with the model and the forget/retain data (saliency
+   masks, retain covariances, attention-guided selections); nothing for the baselines;
 3. :meth:`Method.loss` at every step, with a batch ``{"forget", "retain", "forget_refusal", "pd"}`` of
    collated LLaVA batches (answer-token labels) and a :class:`Reference` giving the frozen model's outputs.
+   It returns a dict of named loss terms; ``"loss"`` is what is minimised, the rest are logged;
+4. :meth:`Method.addons` — terms the engine adds to every method's loss (Prompt Decouple ``pd``, the
+   retain KL ``kl_weight``), so that no method can forget them;
+5. :meth:`Method.update_hook` — optionally, a function applied to each optimiser *update* (after the
+   optimiser step, so it acts on what Adam does to the weights, not on the gradient), e.g. a null-space
+   projection.
 
-It returns a dict of named loss terms; ``"loss"`` is what is minimised, the rest are logged.
+``defaults`` gives a method's engine settings per model family (``tiny`` and ``llava-1.5``): used for
+every setting the caller leaves unset, and recorded in ``run.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
 from mlunlearn.collate import answer_nll
 
-# The language model's linear layers (LLaMA / Vicuna names): MLLMU-Bench's LoRA targets.
-LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PARAM_CHOICES = ("lora", "lora+projector", "projector", "llm", "all")
+from .params import LLM_LINEAR, PARAM_CHOICES, Standard, llava_parts
+from .terms import PromptDecouple, RetainKL
+
+# Engine settings per model family, for every method; a method's ``defaults`` override them.
+# tiny: the rates and epochs the book's chapters tune on the tiny world (chapters 2 and 4);
+# llava-1.5: MLLMU-Bench's published LLaVA-1.5-7B settings (AdamW, lr 2e-5, batch 4, 1 epoch).
+FAMILY_DEFAULTS = {
+    "tiny": {"lr": 1e-3, "epochs": 10.0, "batch_size": 4},
+    "llava-1.5": {"lr": 2e-5, "epochs": 1.0, "batch_size": 4},
+}
 
 
 class MethodError(ValueError):
@@ -35,18 +52,21 @@ class MethodError(ValueError):
 class Method:
     """Base class: hyper-parameters every method shares.
 
-    ``params`` says what trains: ``lora`` (adapters on the LLM's linear layers, MLLMU-Bench's setting),
-    ``lora+projector`` (SafeEraser's), ``projector``, ``llm`` (all LLM weights) or ``all``. ``pd`` weights
-    SafeEraser's Prompt Decouple term (0 = off). ``lora_*`` configure the adapters.
+    ``params`` says what trains (see :class:`~mlunlearn.methods.params.Standard`). ``pd`` weights
+    SafeEraser's Prompt Decouple term and ``kl_weight`` a KL to the reference on retain answers (0 = off).
+    ``lora_*`` configure the adapters.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_reference: ClassVar[bool] = False  # the frozen model's outputs are used by the loss
     needs_refusals: ClassVar[bool] = False  # forget questions paired with refusal answers
+    defaults: ClassVar[dict] = {}  # {family: {engine setting: value}} over FAMILY_DEFAULTS
+    unused: ClassVar[tuple] = ()  # base fields this method does not take (rejected if set)
 
     params: str = "lora"
     pd: float = 0.0
+    kl_weight: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -54,59 +74,75 @@ class Method:
     def __post_init__(self):
         if self.params not in PARAM_CHOICES:
             raise MethodError(f"params={self.params!r} is not one of {', '.join(PARAM_CHOICES)}")
-        if self.pd < 0:
-            raise MethodError(f"pd={self.pd} must be >= 0 (it weights the Prompt Decouple term)")
+        for key in ("pd", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise MethodError(f"{key}={getattr(self, key)} must be >= 0 (it weights an added term; 0 = off)")
+        if self.lora_r < 1:
+            raise MethodError(f"lora_r={self.lora_r} must be >= 1 (the rank of the LoRA adapters)")
+        if self.lora_alpha <= 0:
+            raise MethodError(f"lora_alpha={self.lora_alpha} must be > 0 (LoRA's scale is alpha / r)")
+        if not 0 <= self.lora_dropout < 1:
+            raise MethodError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
 
     # -- what trains -------------------------------------------------------------------------------
+    def parametrisation(self):
+        """What trains and how (:mod:`mlunlearn.methods.params`)."""
+        return Standard(self.params, self.lora_r, self.lora_alpha, self.lora_dropout)
+
     def prepare(self, model):
-        """Freeze everything, then unfreeze (or add) what ``params`` names; returns the model to train."""
-        model.requires_grad_(False)
-        if "lora" in self.params:
-            from peft import LoraConfig, get_peft_model
+        """Apply :meth:`parametrisation` to ``model``; returns the model to train."""
+        return self.parametrisation().apply(model)
 
-            config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                                target_modules=LLM_LINEAR, bias="none")
-            model = get_peft_model(model, config)
-        inner = _llava(model)
-        if "projector" in self.params or self.params == "all":
-            inner.multi_modal_projector.requires_grad_(True)
-        if self.params in ("llm", "all"):
-            inner.language_model.requires_grad_(True)
-            _lm_head(model).requires_grad_(True)
-        if self.params == "all":
-            inner.vision_tower.requires_grad_(True)
-        return model
+    def setup(self, model, data, processor) -> None:
+        """Once before training, with the prepared model and the :class:`UnlearningData`. Nothing by default."""
 
-    def finalize(self, model):
-        """After training: turn the trained model into a plain LLaVA where the method changed its
-        structure (e.g. fold sine-modulated weights back into ``nn.Linear``). Identity by default."""
-        return model
-
-    def install_hooks(self, model) -> list:
-        """Gradient-shaping hooks (masks, projections); returns their handles. None for the baselines."""
-        return []
+    def update_hook(self) -> Callable | None:
+        """``None``, or ``f(name, parameter, update) -> update`` applied to every optimiser update."""
+        return None
 
     # -- the objective -----------------------------------------------------------------------------
     def loss(self, model, batch: dict, reference: "Reference") -> dict:
         """Named loss terms; ``terms["loss"]`` is minimised. Implemented by each method."""
         raise NotImplementedError
 
-    def with_prompt_decouple(self, model, batch: dict, terms: dict) -> dict:
-        """Add SafeEraser's Prompt Decouple term, ``pd · NLL(forget question + another person's image →
-        the model's own original answer)``: refuse because of *whose face* it is, not because of the wording."""
-        if self.pd > 0 and "pd" in batch:
-            terms["pd_nll"] = answer_nll(model, batch["pd"]).mean()
-            terms["loss"] = terms["loss"] + self.pd * terms["pd_nll"]
+    def addons(self) -> list:
+        """The add-on terms the engine adds after :meth:`loss` (in this order: retain KL, Prompt Decouple)."""
+        out = []
+        if self.kl_weight > 0:
+            out.append(RetainKL(self.kl_weight))
+        if self.pd > 0:
+            out.append(PromptDecouple(self.pd))
+        return out
+
+    def uses_reference(self) -> bool:
+        """Whether the loss or an add-on needs the frozen model's outputs."""
+        return bool(self.needs_reference) or any(a.needs_reference for a in self.addons())
+
+    def total_loss(self, model, batch: dict, reference: "Reference") -> dict:
+        """:meth:`loss` plus the add-on terms: what the engine minimises."""
+        terms = self.loss(model, batch, reference)
+        for addon in self.addons():
+            terms = addon(model, batch, reference, terms)
         return terms
 
     # -- description ------------------------------------------------------------------------------
     @classmethod
     def hyperparameters(cls) -> dict:
-        """``{name: default}`` of every field."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        """``{name: default}`` of every field the method takes."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in cls.unused}
+
+    @classmethod
+    def engine_defaults(cls, family: str) -> dict:
+        """The engine settings this method uses on ``family`` unless told otherwise."""
+        if family not in FAMILY_DEFAULTS:
+            raise MethodError(f"unknown model family {family!r}; known: {', '.join(FAMILY_DEFAULTS)}")
+        out = dict(FAMILY_DEFAULTS[family])
+        for klass in reversed(cls.__mro__):
+            out.update(getattr(klass, "defaults", {}).get(family, {}))
+        return out
 
     def settings(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.unused}
 
 
 class Reference:
@@ -177,15 +213,7 @@ class _Swapped:
         raise AttributeError(name)
 
 
-def _llava(model):
-    """The inner ``LlavaModel`` (vision tower, projector, language model) of a (peft-wrapped) LLaVA."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
-
-
-def _lm_head(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.lm_head
+_llava = llava_parts  # the name the analysis module and older code use
 
 
 def trainable_parameter_names(model) -> list:

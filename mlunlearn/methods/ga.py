@@ -8,10 +8,9 @@ the model in place, so it forgets everyone at once (book chapter 2).
 
 from dataclasses import dataclass
 
-from mlunlearn.collate import answer_nll
-
 from .base import Method
 from .registry import register
+from .terms import nll
 
 
 @register
@@ -19,8 +18,8 @@ from .registry import register
 class GA(Method):
     name = "ga"
     summary = "gradient ascent on the forget answers: L = -NLL(forget)"
+    defaults = {"tiny": {"lr": 1e-3}}  # chapter 2: no rate forgets without destroying the rest
 
     def loss(self, model, batch, reference):
-        forget_nll = answer_nll(model, batch["forget"]).mean()
-        terms = {"forget_nll": forget_nll, "loss": -forget_nll}
-        return self.with_prompt_decouple(model, batch, terms)
+        forget_nll = nll(model, batch, "forget").mean()
+        return {"forget_nll": forget_nll, "loss": -forget_nll}

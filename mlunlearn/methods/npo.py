@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mlunlearn.collate import answer_nll
-
 from .base import Method, MethodError
 from .registry import register
+from .terms import nll
 
 
-def npo_loss(nll, nll_ref, beta: float) -> torch.Tensor:
+def npo_loss(nll_model, nll_ref, beta: float) -> torch.Tensor:
     """−(2/β)·mean log σ(β·(nll − nll_ref)), shape ``()``."""
-    return -(2.0 / beta) * torch.nn.functional.logsigmoid(beta * (nll - nll_ref)).mean()
+    return -(2.0 / beta) * torch.nn.functional.logsigmoid(beta * (nll_model - nll_ref)).mean()
 
 
 @register
@@ -30,6 +29,7 @@ class NPO(Method):
     name = "npo"
     summary = "negative preference optimisation: GA that saturates, L = -(2/b) log sigmoid(b (NLL - NLL_ref))"
     needs_reference = True
+    defaults = {"tiny": {"lr": 1e-3}}  # chapter 2: like GA, no rate with a window
 
     beta: float = 0.4
     reference: str = "vanilla"
@@ -39,13 +39,15 @@ class NPO(Method):
         super().__post_init__()
         if self.beta <= 0:
             raise MethodError(f"beta={self.beta} must be > 0 (NPO tends to GA as beta -> 0)")
+        if self.retain_weight < 0:
+            raise MethodError(f"retain_weight={self.retain_weight} must be >= 0")
 
     def loss(self, model, batch, reference):
-        nll = answer_nll(model, batch["forget"])
-        nll_ref = reference.nll(batch["forget"])
-        terms = {"forget_nll": nll.mean(), "npo": npo_loss(nll, nll_ref, self.beta)}
+        nll_model = nll(model, batch, "forget")
+        terms = {"forget_nll": nll_model.mean(),
+                 "npo": npo_loss(nll_model, reference.nll(batch["forget"]), self.beta)}
         terms["loss"] = terms["npo"]
         if self.retain_weight:
-            terms["retain_nll"] = answer_nll(model, batch["retain"]).mean()
+            terms["retain_nll"] = nll(model, batch, "retain").mean()
             terms["loss"] = terms["loss"] + self.retain_weight * terms["retain_nll"]
-        return self.with_prompt_decouple(model, batch, terms)
+        return terms

@@ -9,10 +9,9 @@ harmless questions too (benign refusal rate, book chapters 2 and 4).
 
 from dataclasses import dataclass
 
-from mlunlearn.collate import answer_nll
-
 from .base import Method
 from .registry import register
+from .terms import nll
 
 
 @register
@@ -21,13 +20,13 @@ class PO(Method):
     name = "po"
     summary = "refusal PO: L = NLL(\"I don't know\" | forget question) + NLL(retain)"
     needs_refusals = True
+    defaults = {"tiny": {"lr": 3e-3}}  # chapter 2's tuned rate
 
     forget_weight: float = 1.0
     retain_weight: float = 1.0
 
     def loss(self, model, batch, reference):
-        refusal_nll = answer_nll(model, batch["forget_refusal"]).mean()
-        retain_nll = answer_nll(model, batch["retain"]).mean()
-        terms = {"refusal_nll": refusal_nll, "retain_nll": retain_nll,
-                 "loss": self.forget_weight * refusal_nll + self.retain_weight * retain_nll}
-        return self.with_prompt_decouple(model, batch, terms)
+        refusal_nll = nll(model, batch, "forget_refusal").mean()
+        retain_nll = nll(model, batch, "retain").mean()
+        return {"refusal_nll": refusal_nll, "retain_nll": retain_nll,
+                "loss": self.forget_weight * refusal_nll + self.retain_weight * retain_nll}

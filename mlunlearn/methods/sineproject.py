@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Method, MethodError, _llava
+from .base import Method, MethodError
+from .params import Standard, llava_parts as _llava
 from .registry import METHODS, get_method, register
 
 
@@ -104,11 +105,38 @@ def merge_sine(model) -> dict:
     return removed
 
 
+@dataclass
+class SineProjector(Standard):
+    """SineProject's parametrisation: LoRA on the LLM (``params="lora"``; ``"projector"`` = none), the
+    projector's W1, W2 frozen behind :class:`SineLinear`, their ΔW and biases trainable."""
+
+    omega: float = 1.0
+    additive: bool = False
+    init: str = "zero"
+    init_scale: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "sine projector" + (" + lora" if self.params == "lora" else "")
+
+    def apply(self, model):
+        model = super().apply(model)  # freezes everything; adds LoRA when params="lora"
+        self.modules = add_sine(model, self.omega, self.additive, self.init, self.init_scale)
+        return model
+
+    def merge(self, model):
+        """Fold sin(ω·ΔW)/ω into the projector's weights, then merge LoRA."""
+        merge_sine(model)
+        return super().merge(model)
+
+
 @register
 @dataclass
 class SineProject(Method):
     name = "sineproject"
     summary = "sine-modulated projector (W + sin(w dW)/w, W frozen) + LoRA, trained with any objective"
+    unused = ("params",)  # what trains is fixed: the sine projector, plus LoRA unless lora=false
+    defaults = {"tiny": {"lr": 1e-3}}  # chapter 4's tuned rate
 
     objective: str = "npo"  # any registered baseline: npo, po, ga, graddiff, kl
     omega: float = 1.0
@@ -116,10 +144,13 @@ class SineProject(Method):
     init: str = "zero"
     init_scale: float = 0.0  # std of dW when init="normal"
     lora: bool = True  # LoRA on the LLM as well (the paper's setting)
-    beta: float = 0.4  # passed to the objective when it has one (NPO)
-    retain_weight: float = -1.0  # passed to the objective when >= 0 (else the objective's default)
+    beta: float | None = None  # passed to the objective (NPO's beta; default: the objective's)
+    retain_weight: float | None = None  # passed to the objective (default: the objective's)
 
     def __post_init__(self):
+        if self.params != "lora":
+            raise MethodError(f"sineproject takes no params={self.params!r}: it trains the sine projector, "
+                              "plus LoRA on the LLM unless lora=false")
         self.params = "lora" if self.lora else "projector"
         super().__post_init__()
         if self.objective == self.name or self.objective not in METHODS:
@@ -127,14 +158,26 @@ class SineProject(Method):
                               f"{', '.join(n for n in sorted(METHODS) if n != self.name)}")
         if self.omega <= 0:
             raise MethodError(f"omega={self.omega} must be > 0 (weights move at most 1/omega)")
+        if self.init not in ("zero", "normal"):
+            raise MethodError(f"init={self.init!r}: use 'zero' or 'normal'")
         known = METHODS[self.objective].hyperparameters()
-        passed = {"pd": self.pd}
-        if "beta" in known:
-            passed["beta"] = self.beta
-        if "retain_weight" in known and self.retain_weight >= 0:
-            passed["retain_weight"] = self.retain_weight
+        passed = {}
+        for key in ("beta", "retain_weight"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in known:
+                raise MethodError(f"{key}={value} is not used by objective={self.objective} "
+                                  f"(it takes {', '.join(k for k in known if k not in Method.hyperparameters())})")
+            passed[key] = value
+        # The add-on terms (pd, kl_weight) are the engine's: they stay on this method, not the objective.
         self._objective = get_method(self.objective, **passed)
-        self.sine_modules: dict = {}
+        self._parametrisation = None
+
+    @property
+    def sine_modules(self) -> dict:
+        """The :class:`SineLinear` modules of the last model this method prepared (kept after merging)."""
+        return getattr(self._parametrisation, "modules", {})
 
     @property
     def needs_reference(self):
@@ -144,21 +187,14 @@ class SineProject(Method):
     def needs_refusals(self):
         return self._objective.needs_refusals
 
-    def prepare(self, model):
-        """LoRA on the LLM (if ``lora``), then the sine-modulated projector; only ΔW, biases, LoRA train."""
-        model = super().prepare(model)  # freezes everything; adds LoRA when params="lora"
-        self.sine_modules = add_sine(model, self.omega, self.additive, self.init, self.init_scale)
-        return model
+    def parametrisation(self):
+        if self._parametrisation is None:
+            self._parametrisation = SineProjector(self.params, self.lora_r, self.lora_alpha, self.lora_dropout,
+                                                  self.omega, self.additive, self.init, self.init_scale)
+        return self._parametrisation
+
+    def addons(self) -> list:
+        return self._objective.addons() + super().addons()
 
     def loss(self, model, batch, reference):
         return self._objective.loss(model, batch, reference)
-
-    def finalize(self, model):
-        """Fold sin(ω·ΔW)/ω into the projector's weights (the trained modules stay in ``sine_modules``)."""
-        merge_sine(model)
-        return model
-
-    def settings(self) -> dict:
-        out = super().settings()
-        out.pop("params")
-        return out
