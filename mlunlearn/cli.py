@@ -52,13 +52,30 @@ def _add_methods(subparsers) -> None:
     p.set_defaults(run=run_methods)
 
 
+def _defaults_table() -> str:
+    """Each method's engine defaults per model family, for --help and `methods --verbose`."""
+    from mlunlearn.methods import METHODS
+    from mlunlearn.methods.base import FAMILY_DEFAULTS
+
+    lines = ["engine defaults (used for each setting you do not --set; recorded in run.json):"]
+    for name in sorted(METHODS):
+        parts = [f"{family}: " + ", ".join(f"{k}={v:g}" for k, v in METHODS[name].engine_defaults(family).items())
+                 for family in FAMILY_DEFAULTS]
+        lines.append(f"  {name:<12} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def _add_unlearn(subparsers) -> None:
     p = subparsers.add_parser(
         "unlearn", help="unlearn a forget set with a registered method and save the result",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Unlearn forget_N with a method; write the model and run.json (config, seed, steps, "
-                    "timings, loss curves) to --output. Settings are method hyper-parameters (see "
-                    "`mlunlearn methods --verbose`) or engine settings (lr, epochs, max_steps, batch_size, "
-                    "grad_accum, seed, precision, save_steps, resume, ...).")
+                    "timings, loss curves) to --output.\nSettings are method hyper-parameters (see "
+                    "`mlunlearn methods --verbose`) or engine settings (lr, epochs, max_steps, batch_size,\n"
+                    "grad_accum, seed, precision, save_steps, resume, ...). The tiny model and LLaVA-1.5 have "
+                    "their own defaults:",
+        epilog=_defaults_table() + "\n\ntiny: the rates and epochs tuned in the book's chapters 2 and 4; "
+               "llava-1.5: MLLMU-Bench's published LLaVA-1.5-7B settings.")
     p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
     p.add_argument("--data", default="toyworld",
                    help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder> (default: toyworld)")
@@ -67,6 +84,8 @@ def _add_unlearn(subparsers) -> None:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1")
     p.add_argument("--output", required=True, help="folder for the model, checkpoints and run.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run an --output folder already holds (without it such a folder is refused)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("--quantization", default=None, choices=("4bit",), help="load the model in 4 bits (GPU)")
     p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default: 1)")
@@ -93,6 +112,9 @@ def run_methods(args) -> int:
         if args.verbose:
             settings = ", ".join(f"{k}={v}" for k, v in METHODS[name].hyperparameters().items())
             print(f"{'':<{width}}  settings: {settings}")
+    if args.verbose:
+        print()
+        print(_defaults_table())
     return 0
 
 
@@ -112,7 +134,7 @@ def parse_settings(pairs: list) -> dict:
 def run_unlearn(args) -> int:
     """Unlearn, save, and print where the run went."""
     from mlunlearn.data import open_benchmark
-    from mlunlearn.engine import UnlearnConfig, split_settings, unlearn
+    from mlunlearn.engine import UnlearnConfig, check_output, split_settings, unlearn
     from mlunlearn.methods import get_method
     from mlunlearn.models import load_model
     from mlunlearn.utils import set_seed
@@ -120,14 +142,18 @@ def run_unlearn(args) -> int:
     method_kw, engine_kw = split_settings(parse_settings(args.settings), args.method)
     method = get_method(args.method, **method_kw)  # bad values fail before anything loads
     config = UnlearnConfig(**{**engine_kw, "progress": not args.no_progress and engine_kw.get("progress", True)})
+    check_output(args.output, args.overwrite, config.resume)  # a folder that cannot take the run fails now
     set_seed(config.seed, threads=args.threads)
     bench = open_benchmark(args.data)
     model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
-    result = unlearn(model, bench, args.forget, method, config, output=args.output, processor=processor)
+    result = unlearn(model, bench, args.forget, method, config, output=args.output, processor=processor,
+                     overwrite=args.overwrite)
     run = result.run
+    applied = ", ".join(f"{k}={v:g}" for k, v in run["defaults"]["applied"].items())
     print(f"{run['method']}: {run['steps']} steps in {run['seconds']['total']} s, "
-          f"{run['trainable_parameters']:,} trainable parameters; wrote {args.output}/run.json and "
-          f"{args.output}/{run.get('saved', 'model')}")
+          f"{run['trainable_parameters']:,} trainable parameters"
+          + (f" ({run['defaults']['family']} defaults: {applied})" if applied else "")
+          + f"; wrote {args.output}/run.json and {args.output}/{run['saved']}")
     return 0
 
 
@@ -192,12 +218,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete, one-line explanation with a fix."""
     from mlunlearn.data import BenchmarkError
     from mlunlearn.data.unlearning import UnlearningDataError
-    from mlunlearn.engine import NonFiniteLossError
+    from mlunlearn.engine import NonFiniteLossError, OutputFolderError
     from mlunlearn.methods import MethodError
+    from mlunlearn.methods.params import TrainableStateError
     from mlunlearn.models import ModelLoadError
     from mlunlearn.utils import OutputPathError
 
-    return BenchmarkError, ModelLoadError, MethodError, UnlearningDataError, NonFiniteLossError, OutputPathError
+    return (BenchmarkError, ModelLoadError, MethodError, UnlearningDataError, NonFiniteLossError,
+            OutputPathError, OutputFolderError, TrainableStateError)
 
 
 def _positive(text: str) -> int:

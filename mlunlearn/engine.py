@@ -51,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class OutputFolderError(ValueError):
-    """The output folder cannot take this run (it holds another run, or cannot be written)."""
+    """The output folder cannot take this run: it holds another run (use overwrite) or has nothing to resume."""
 
 
 @dataclass
@@ -323,9 +323,9 @@ def check_output(output, overwrite: bool = False, resume: bool = False) -> Path 
     """
     if output is None:
         return None
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--output {out} is a file; give a folder for the run")
+    from mlunlearn.utils import check_writable
+
+    out = check_writable(output, kind="folder", what="--output")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not (overwrite or resume):
         raise OutputFolderError(f"--output {out} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; "
@@ -333,13 +333,6 @@ def check_output(output, overwrite: bool = False, resume: bool = False) -> Path 
     if resume and not (out / "checkpoints").is_dir():
         raise OutputFolderError(f"resume=true but {out} has no checkpoints/ folder; train with save_steps=N "
                                 "to write checkpoints, or drop resume")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".mlunlearn-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputFolderError(f"cannot write to --output {out} ({exc.strerror or exc}); choose a writable folder") from None
     return out
 
 
@@ -425,14 +418,15 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     if config.resume and resume is None:
         raise OutputFolderError(f"resume=true but there is no checkpoint in {ckpt_dir}")
     start_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+    if resume and start_step >= _planned_steps(trainer, config):
+        # Why check here: the Trainer, resumed at its last step, would still train one more.
+        raise MethodError(f"nothing to resume: {resume} already has {start_step} steps, as many as asked for; "
+                          "raise max_steps or epochs to train on (nothing was written)")
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         if not keep:  # the scratch folder: nothing in it is needed
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if trainer.state.global_step <= start_step:
-        raise MethodError(f"nothing to resume: {resume} already has {start_step} steps, as many as asked for; "
-                          "raise max_steps or epochs to train on (nothing was written)")
     log = [dict(r) for r in trainer.state.log_history]
     model = trainer.model
     merged = config.merge and parametrisation.can_merge(model)
@@ -461,6 +455,15 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         save_run(model, processor, run, out, progress=config.progress, merged=merged,
                  parametrisation=parametrisation)
     return UnlearnResult(model, processor, log, run)
+
+
+def _planned_steps(trainer, config: UnlearnConfig) -> int:
+    """Optimiser steps the run asks for in all, counted as the Trainer counts them."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
+    return math.ceil(config.epochs * per_epoch)
 
 
 def _scratch_dir() -> str:
@@ -513,14 +516,10 @@ def save_run(model, processor, run: dict, out: Path, progress: bool = True, merg
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, default=_json_default))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`mlunlearn.utils.write_atomic`): the old file or the whole new one."""
+    from mlunlearn.utils import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=1, default=_json_default))
 
 
 def _jsonable(obj):

@@ -103,11 +103,10 @@ def test_run_folder_holds_run_json_and_a_loadable_model(vanilla, tmp_path):
     assert _same(_state(result.model), _state(loaded))
 
 
-def test_unmerged_lora_run_saves_an_adapter_that_loads_onto_its_base(vanilla, tmp_path):
-    model, processor = vanilla
+def test_unmerged_run_saves_the_trainable_state_that_loads_onto_its_base(vanilla, tmp_path):
     cfg = UnlearnConfig(lr=3e-3, max_steps=2, progress=False, merge=False)
     result = unlearn("tiny", "toyworld", 5, "ga", cfg, output=tmp_path / "run")
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.json", "trainable.safetensors"]
     loaded, _ = load_model(str(tmp_path / "run"), device="cpu", dtype=torch.float32)
     merged = result.model.merge_and_unload()
     assert all(torch.allclose(v, _state(loaded)[k], atol=1e-6) for k, v in _state(merged).items())

@@ -82,6 +82,19 @@ def test_kl_starts_at_zero_and_keeps_retain_closer_than_graddiff(vanilla, data):
     assert kl_kl < kl_gd
 
 
+def test_answer_kl_is_the_reference_weighted_direction():
+    """KL(p_ref ‖ p_θ) = Σ_v p_ref·(log p_ref − log p_θ), averaged over answer positions; not the reverse."""
+    torch.manual_seed(0)
+    ref, model = torch.randn(2, 5, 7) * 2, torch.randn(2, 5, 7) * 2
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, -100, -100]])
+    keep = labels[:, 1:] != -100  # position t predicts token t+1
+    lr, lp = torch.log_softmax(ref[:, :-1][keep], -1), torch.log_softmax(model[:, :-1][keep], -1)
+    forward = (lr.exp() * (lr - lp)).sum(-1).mean()
+    reverse = (lp.exp() * (lp - lr)).sum(-1).mean()
+    assert abs(forward - reverse) > 0.05  # the two directions differ here, so the test can tell them apart
+    assert torch.allclose(answer_kl(ref, model, labels), forward, atol=1e-6)
+
+
 def test_npo_gradient_tends_to_ga_as_beta_goes_to_zero(vanilla, data):
     model, processor = vanilla
     model = copy.deepcopy(model)

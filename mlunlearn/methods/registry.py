@@ -30,9 +30,12 @@ def get_method(name: str, **hparams) -> Method:
 
 
 def convert(default, value, key: str = ""):
-    """Convert a command-line string to the type of the default (bool, int, float, str)."""
+    """Convert a command-line string to the type of the default (bool, int, float, str; a ``None``
+    default stands for an optional number, e.g. SineProject's ``beta``)."""
     if not isinstance(value, str):
         return value
+    if default is None:
+        default = 0.0
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -211,19 +211,42 @@ def _first_line(exc: BaseException, width: int = 120) -> str:
 
 
 def _load_run(path: Path, device, dtype, quantization, attn_implementation):
-    """The model an unlearning run saved: ``model/`` as is, or its base model with ``adapter/`` applied."""
+    """The model an unlearning run saved: ``model/`` as is, or its base model with the run's method applied
+    and ``trainable.safetensors`` loaded into it (strictly), then merged unless the weights are 4-bit."""
     if (path / "model" / "config.json").is_file():
         return load_model(str(path / "model"), device, dtype, quantization, attn_implementation)
-    if not (path / "adapter" / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{path} has a run.json but neither model/ nor adapter/; was the run interrupted?")
-    from peft import PeftModel
+    try:
+        run = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}/run.json is unreadable ({exc.__class__.__name__}); was the run "
+                             "interrupted? Re-run it with --overwrite") from None
+    from mlunlearn.methods.params import STATE_FILE
 
-    base = json.loads((path / "run.json").read_text())["model"]
-    model, processor = load_model(base, device, dtype, quantization, attn_implementation)
-    model = PeftModel.from_pretrained(model, str(path / "adapter"))
-    if quantization is None:
-        model = model.merge_and_unload()
-    return model.eval(), processor
+    if (path / STATE_FILE).is_file():
+        from mlunlearn.methods import MethodError, get_method
+        from mlunlearn.methods.params import load_trainable_state
+
+        model, processor = load_model(run["model"], device, dtype, quantization, attn_implementation)
+        try:
+            parametrisation = get_method(run["method"], **run["hyperparameters"]).parametrisation()
+            model = parametrisation.apply(model)
+            load_trainable_state(parametrisation, model, path)
+        except (MethodError, ValueError) as exc:
+            raise ModelLoadError(f"cannot rebuild the run in {path}: {exc}") from None
+        if quantization is None and parametrisation.can_merge(model):
+            model = parametrisation.merge(model)
+        model.requires_grad_(False)
+        return model.eval(), processor
+    if (path / "adapter" / "adapter_config.json").is_file():  # runs saved by mlunlearn 0.1.0
+        from peft import PeftModel
+
+        model, processor = load_model(run["model"], device, dtype, quantization, attn_implementation)
+        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+        if quantization is None:
+            model = model.merge_and_unload()
+        return model.eval(), processor
+    raise ModelLoadError(f"{path} has a run.json but neither model/ nor {STATE_FILE}; was the run interrupted? "
+                         "Re-run it with --overwrite")
 
 
 def parameter_counts(model) -> dict:
