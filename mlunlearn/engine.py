@@ -451,6 +451,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
                     if timing.step_seconds else None},
         "log": log,
     }
+    run["saved"] = ("model" if merged else STATE_FILE) if out is not None else None
     if out is not None:
         save_run(model, processor, run, out, progress=config.progress, merged=merged,
                  parametrisation=parametrisation)
@@ -510,8 +511,7 @@ def save_run(model, processor, run: dict, out: Path, progress: bool = True, merg
     for stale in out.iterdir():  # what an older run wrote and this one did not (model/ vs trainable, adapter/)
         if stale.name not in written:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    run = dict(run, saved=next(iter(written & {"model", STATE_FILE})))
-    _write_json(out / "run.json", run)
+    _write_json(out / "run.json", dict(run, saved=next(iter(written & {"model", STATE_FILE}))))
     return out
 
 

@@ -57,7 +57,7 @@ def test_ga_raises_forget_nll(vanilla, data):
     model, processor = vanilla
     before = _nll(model, processor, data.forget)
     after = _nll(_run(vanilla, "ga").model, processor, data.forget)
-    assert after > before + 1.0
+    assert after > before + 0.5  # 8 steps: from ~0.01 to ~1 nat per answer token
 
 
 def test_graddiff_raises_forget_nll_and_loses_less_retain_than_ga(vanilla, data):
