@@ -36,6 +36,7 @@ from mlunlearn.data.unlearning import (
 from mlunlearn.methods import Method, MethodError, get_method, trainable_parameter_names
 from mlunlearn.methods.params import STATE_FILE, load_trainable_state, save_trainable_state
 from mlunlearn.methods.registry import convert
+from mlunlearn.utils import progress_enabled
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
@@ -398,7 +399,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps" if config.save_steps > 0 else "no", save_steps=max(1, config.save_steps),
         save_total_limit=config.save_total_limit, save_only_model=False,
-        report_to=[], disable_tqdm=not config.progress, remove_unused_columns=False,
+        report_to=[], disable_tqdm=not progress_enabled(config.progress), remove_unused_columns=False,
         dataloader_num_workers=0, use_cpu=device.type == "cpu", **precision,
     )
     record = {"method": method.name, "hyperparameters": _jsonable(method.settings()),
@@ -410,7 +411,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
                              data_collator=PairedCollator(processor), method=method, reference=reference,
                              parametrisation=parametrisation, method_record=record,
                              callbacks=[timing, *extra, *(callbacks or [])])
-    if not config.progress:  # without a bar the Trainer prints every log dict: keep notebooks quiet
+    if not progress_enabled(config.progress):  # without a bar the Trainer prints every log dict: keep quiet
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)

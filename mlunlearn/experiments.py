@@ -15,6 +15,7 @@ import pandas as pd
 from mlunlearn.data.unlearning import add_refusals, unlearning_data
 from mlunlearn.engine import UnlearnConfig, unlearn
 from mlunlearn.eval.scorecard import scorecard, teacher_forced
+from mlunlearn.utils import progress_bar
 
 
 @dataclass
@@ -44,13 +45,11 @@ def lr_sweep(model, processor, bench, methods, lrs, config: UnlearnConfig, forge
     ``methods``: ``{label: (method name, {hyper-parameters})}``. Returns one row per (label, lr).
     ``fresh`` as in :func:`compare`.
     """
-    from tqdm.auto import tqdm
-
     fresh = fresh or (lambda: copy.deepcopy(model))
     probes = probes or Probes.build(bench, forget)
     rows = []
     jobs = [(label, spec, lr) for label, spec in methods.items() for lr in lrs]
-    for label, (name, hp), lr in tqdm(jobs, desc="sweep", disable=not progress):
+    for label, (name, hp), lr in progress_bar(jobs, "sweep", progress):
         cfg = dataclasses.replace(config, lr=lr, progress=False)
         run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, **hp)
         rows.append({"method": label, "lr": lr, **probes.score(run.model, processor)})
@@ -124,14 +123,12 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
                                     [[e.image] if e.image is not None else [] for e in show], batch_size=batch_size)
         return []
 
-    from tqdm.auto import tqdm
-
     rows, out = [], Comparison(pd.DataFrame())
     if vanilla:
         row, result, benign = scorecard(model, processor, bench, forget, batch_size=batch_size)
         rows.append({"method": "vanilla", "lr": None, **row, **(measure(model) if measure else {})})
         out.results["vanilla"], out.benign["vanilla"], out.samples["vanilla"] = result, benign, sample(model)
-    for label, (name, hp) in tqdm(methods.items(), desc="methods", disable=not progress):
+    for label, (name, hp) in progress_bar(methods.items(), "methods", progress):
         hp = dict(hp)
         cfg = dataclasses.replace(config, lr=hp.pop("lr", config.lr), progress=False)
         callbacks = [monitor()] if monitor else []

@@ -25,6 +25,20 @@ def set_seed(seed: int = 0, threads: int | None = 1) -> None:
         torch.set_num_threads(threads)
 
 
+def progress_enabled(progress: bool = True) -> bool:
+    """Whether to show a progress bar: ``progress``, unless ``TQDM_DISABLE`` is set (as ``make test`` and
+    ``make execute`` do). Why our own check: tqdm reads that variable only for arguments left unset, and
+    every bar here passes ``disable=`` explicitly, so in a notebook a bar would be stored as a widget."""
+    return bool(progress) and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+
+
+def progress_bar(iterable, desc: str, progress: bool = True, **kwargs):
+    """``tqdm.auto`` over ``iterable``, shown only when :func:`progress_enabled`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=not progress_enabled(progress), **kwargs)
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``mps`` on Apple silicon, else ``cpu``."""
     if torch.cuda.is_available():

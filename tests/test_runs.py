@@ -223,3 +223,12 @@ def test_benchmarks_are_registered_and_check_their_splits():
         bench.unlearning_data(7)
     with pytest.raises(BenchmarkError, match="no benchmark reads --data 'nowhere-bench'"):
         get_benchmark("nowhere-bench")
+
+
+def test_progress_bars_obey_tqdm_disable(monkeypatch):
+    from mlunlearn.utils import progress_bar, progress_enabled
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what make test / make execute set: no widget may be stored
+    assert not progress_enabled(True) and progress_bar(range(3), "x").disable
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert progress_enabled(True) and not progress_enabled(False)

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from mlunlearn.data import BenchmarkError, decode_image, open_benchmark
 from mlunlearn.eval import prompts
 from mlunlearn.eval.results import EvalResult, Record
+from mlunlearn.utils import progress_bar
 from mlunlearn.eval.scoring import (
     answer_matches,
     bleu,
@@ -172,7 +172,7 @@ def generate_replies(
     model.eval()
     replies: list[str] = [""] * n
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc, progress, leave=False):
             texts = [prompts_[i] for i in batch]
             pictures = [_decode(img, sources[i]) for i in batch for img in images[i]]
             inputs = processor(text=texts, images=pictures or None, return_tensors="pt", padding=True)

@@ -148,7 +148,7 @@ def pretrain_vision(model, processor, world: World, recipe: Recipe, progress: bo
     questions alone, face shape and eye colour were still at chance, while 1000 steps of this stage (under
     a minute) read every trait at 97-100% on unseen views (measured; book chapter 1). Returns the losses.
     """
-    from tqdm.auto import tqdm
+    from mlunlearn.utils import progress_bar
 
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
@@ -161,7 +161,7 @@ def pretrain_vision(model, processor, world: World, recipe: Recipe, progress: bo
     people = [p for p in world.people if p.group != "missing"]
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=recipe.vision_lr, weight_decay=0.0)
     losses = []
-    for step in tqdm(range(recipe.vision_steps), desc="vision", disable=not progress):
+    for step in progress_bar(range(recipe.vision_steps), "vision", progress):
         rng = np.random.default_rng([recipe.seed, 10**9 + step])
         picks = [people[int(i)] for i in rng.integers(len(people), size=recipe.vision_batch_size)]
         views = [random_view(rng, change_background=0.5) for _ in picks]
@@ -219,7 +219,7 @@ def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out
     Deterministic for a given recipe on one thread. Saves with ``save_pretrained`` (safetensors) when
     ``out_dir`` is given.
     """
-    from tqdm.auto import tqdm
+    from mlunlearn.utils import progress_bar
 
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(1)  # the shipped weights were trained on one thread; more changes the numerics
@@ -240,7 +240,7 @@ def train_vanilla(recipe: Recipe = Recipe(), sizes: TinySizes = TinySizes(), out
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
                                               * 0.5 * (1 + np.cos(np.pi * min(s, recipe.steps) / recipe.steps)))
     log, t0, running = [], t_start, {}
-    bar = tqdm(range(recipe.steps), desc="vanilla", disable=not progress)
+    bar = progress_bar(range(recipe.steps), "vanilla", progress)
     for step in bar:
         stream, examples = data.batch(step)
         loss = answer_loss(model, collate(processor, examples))
