@@ -42,13 +42,15 @@ def portrait_grid(rows, highlight=(), columns: int = 10, title: str | None = Non
     """A grid of the rows' images labelled by ID; IDs in ``highlight`` get a red frame (e.g. the forget set)."""
     n = len(rows)
     lines = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(lines, columns, figsize=(1.1 * columns, 1.25 * lines), squeeze=False)
+    cell = min(1.1, COLUMN_WIDTH / columns)  # inches per portrait: the grid fits the column
+    fig, axes = plt.subplots(lines, columns, figsize=(cell * columns, (cell + 0.15) * lines),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
         img = row[image_key][0] if image_key == "images" else row[image_key]
         ax.imshow(decode_image(img))
-        ax.set_title(row["ID"], fontsize=7, color="crimson" if row["ID"] in highlight else "black")
+        ax.set_title(row["ID"], fontsize=8, color="crimson" if row["ID"] in highlight else "black")
         if row["ID"] in highlight:
             ax.axis("on")
             ax.set_xticks([]), ax.set_yticks([])
@@ -61,11 +63,12 @@ def portrait_grid(rows, highlight=(), columns: int = 10, title: str | None = Non
 
 
 def image_strip(images, labels, title: str | None = None, size: float = 1.4):
-    """Images side by side with a label under each."""
+    """Images side by side with a label under each (``size`` inches each, shrunk to fit the column)."""
+    size = min(size, COLUMN_WIDTH / len(images))
     fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size + 0.4), squeeze=False)
     for ax, img, label in zip(axes.flat, images, labels):
         ax.imshow(decode_image(img))
-        ax.set_xlabel(label, fontsize=7)
+        ax.set_xlabel(label, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
@@ -91,8 +94,9 @@ def patch_grid(image, patch_size: int, ax=None):
 
 
 def plot_training_log(log, ax=None, title: str = "training loss per stream"):
-    """Loss per data stream against step, from a training log (a list of ``{"step", "loss/…"}`` dicts)."""
-    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    """Loss per data stream against step, from a training log (a list of ``{"step", "loss/…"}`` dicts).
+    The legend sits outside the axes, right of them, so it covers no curve."""
+    ax = ax or plt.subplots(figsize=(COLUMN_WIDTH, 3.6))[1]
     streams = sorted({k for entry in log for k in entry if k.startswith("loss/")})
     for key in streams:
         points = [(e["step"], e[key]) for e in log if key in e]
@@ -101,5 +105,6 @@ def plot_training_log(log, ax=None, title: str = "training loss per stream"):
     ax.set_xlabel("step")
     ax.set_ylabel("answer-token cross-entropy")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="stream")
+    ax.figure.tight_layout()
     return ax
