@@ -419,6 +419,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     if config.resume and resume is None:
         raise OutputFolderError(f"resume=true but there is no checkpoint in {ckpt_dir}")
     start_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+    if resume:
+        _check_resumable(Path(resume), record)  # the method first: its error names the fix
     if resume and start_step >= _planned_steps(trainer, config):
         # Why check here: the Trainer, resumed at its last step, would still train one more.
         raise MethodError(f"nothing to resume: {resume} already has {start_step} steps, as many as asked for; "

@@ -232,3 +232,16 @@ def test_progress_bars_obey_tqdm_disable(monkeypatch):
     assert not progress_enabled(True) and progress_bar(range(3), "x").disable
     monkeypatch.delenv("TQDM_DISABLE")
     assert progress_enabled(True) and not progress_enabled(False)
+
+
+def test_resuming_another_methods_finished_run_names_the_method_first(vanilla, tmp_path):
+    _run(vanilla, "ga", output=tmp_path / "run", max_steps=2, save_steps=2)
+    with pytest.raises(MethodError, match="written by ga; use --method ga"):
+        _run(vanilla, "po", output=tmp_path / "run", max_steps=2, save_steps=2, resume=True)
+
+
+def test_4bit_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    code = main(["unlearn", "--method", "ga", "--quantization", "4bit", "--device", "cpu",
+                 "--output", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1

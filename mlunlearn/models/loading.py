@@ -163,6 +163,13 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization == "4bit":
+        if not str(device).startswith("cuda"):
+            raise ModelLoadError(f"quantization='4bit' needs a CUDA GPU (bitsandbytes), and the device is "
+                                 f"{device!r}; fix: drop --quantization on the CPU, or run on a GPU")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("quantization='4bit' needs bitsandbytes; fix: pip install 'mlunlearn[gpu]'")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
