@@ -31,7 +31,6 @@ def child(method: str, params: str, width: int, layers: int, copy_reference: boo
     torch.set_num_threads(1)
     from mlunlearn.data import open_benchmark
     from mlunlearn.engine import UnlearnConfig, unlearn
-    from mlunlearn.methods import Reference
     from mlunlearn.models import TinySizes, build_processor, build_tiny_llava
     from mlunlearn.models.loading import load_model
 
@@ -42,14 +41,14 @@ def child(method: str, params: str, width: int, layers: int, copy_reference: boo
     processor = build_processor(tokenizer, sizes)
     bench = open_benchmark("toyworld")
     if copy_reference:  # a naive reference: a full second model
-        import mlunlearn.engine as engine
+        from mlunlearn.methods.params import Parametrisation
 
-        original = engine.Reference
+        original = Parametrisation.reference
 
-        def copying(trained, separate=None):
-            return original(trained, copy.deepcopy(trained).eval())
+        def copying(self, trained, separate=None):
+            return original(self, trained, copy.deepcopy(trained).eval())
 
-        engine.Reference = copying
+        Parametrisation.reference = copying
     cuda = torch.cuda.is_available()
     if cuda:
         model = model.cuda()
