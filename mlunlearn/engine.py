@@ -196,7 +196,6 @@ class UnlearnTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         terms = self.method.total_loss(model, inputs, self.reference)
-        inputs.pop("_logits", None)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             last = _last_checkpoint(self.args.output_dir)

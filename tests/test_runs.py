@@ -245,3 +245,25 @@ def test_4bit_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
                  "--output", str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loss_on_a_reused_batch_is_computed_afresh(vanilla):
+    """The per-step logits cache lives in total_loss's own copy of the batch: calling a loss twice on one
+    batch dict (as a benchmark or a chapter does) must not reuse the first call's graph."""
+    from mlunlearn.collate import collate
+
+    model, processor = vanilla
+    method = get_method("po", params="projector")
+    trained = method.prepare(copy.deepcopy(model)).train()
+    data = unlearning_data(open_benchmark("toyworld"), 5)
+    from mlunlearn.data.unlearning import add_refusals
+
+    add_refusals(data)
+    batch = {"forget_refusal": collate(processor, data.forget_refusal[:2]), "retain": collate(processor, data.retain[:2])}
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1.0)
+    first = method.total_loss(trained, batch, None)["loss"]
+    first.backward()
+    opt.step()
+    second = method.total_loss(trained, batch, None)["loss"]  # new weights: a new value, no stale graph
+    second.backward()
+    assert set(batch) == {"forget_refusal", "retain"} and second.item() != first.item()

@@ -33,7 +33,7 @@ import torch
 from mlunlearn.collate import answer_nll
 
 from .params import LLM_LINEAR, PARAM_CHOICES, Standard, llava_parts
-from .terms import PromptDecouple, RetainKL
+from .terms import PromptDecouple, RetainKL, with_memo
 
 # Engine settings per model family, for every method; a method's ``defaults`` override them.
 # tiny: the rates and epochs the book's chapters tune on the tiny world (chapters 2 and 4);
@@ -120,6 +120,7 @@ class Method:
 
     def total_loss(self, model, batch: dict, reference: "Reference") -> dict:
         """:meth:`loss` plus the add-on terms: what the engine minimises."""
+        batch = with_memo(batch)
         terms = self.loss(model, batch, reference)
         for addon in self.addons():
             terms = addon(model, batch, reference, terms)

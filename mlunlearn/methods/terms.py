@@ -19,13 +19,21 @@ from mlunlearn.collate import IGNORE, nll_from_logits
 _MEMO = "_logits"  # batch key of the per-step cache of the trained model's logits, per stream
 
 
+def with_memo(batch: dict) -> dict:
+    """A shallow copy of ``batch`` that caches :func:`logits` per stream: one step's loss and add-ons
+    share each forward pass (:meth:`Method.total_loss` uses it); the cache dies with the copy."""
+    return {**batch, _MEMO: {}}
+
+
 def logits(model, batch: dict, stream: str) -> torch.Tensor:
-    """The trained model's logits ``(B, T, V)`` on ``batch[stream]``, computed once per step."""
-    memo = batch.setdefault(_MEMO, {})
-    if stream not in memo:
-        inputs = {k: v for k, v in batch[stream].items() if k != "labels"}
-        memo[stream] = model(**inputs).logits
-    return memo[stream]
+    """The trained model's logits ``(B, T, V)`` on ``batch[stream]`` (cached in a :func:`with_memo` batch)."""
+    memo = batch.get(_MEMO)
+    if memo is not None and stream in memo:
+        return memo[stream]
+    out = model(**{k: v for k, v in batch[stream].items() if k != "labels"}).logits
+    if memo is not None:
+        memo[stream] = out
+    return out
 
 
 def nll(model, batch: dict, stream: str) -> torch.Tensor:
