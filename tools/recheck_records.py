@@ -1,0 +1,106 @@
+"""Recompute the book's run records from scratch and fail unless they equal the stored ones exactly.
+
+Usage: python tools/recheck_records.py [NAME ...] [--all] [--folder book/records]
+
+A run record (``mlunlearn/records.py``) is a JSON file with a key (everything the computation depends on)
+and the value the code returned for it; chapters load records instead of rerunning their heavy grids.
+This tool reruns records from their keys alone, in a fresh process, and compares every stored value with
+the recomputed one exactly (no tolerance: the chapters run on one CPU thread, bit-reproducibly).
+
+Default: a subset chosen to take under about 3 minutes on one core (one learning rate of chapter 4's
+sweep, every variant, and one seed of its aggressive-rate comparison, with the projector monitor). It also
+reads every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns
+every record (chapter 4: about 12 minutes). Exit status 1 on any difference, with a diff of what differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The environment the records were made in (as `make test` / tools/execute_notebooks.py), set before
+# torch is imported: one thread, so float sums run in the same order.
+for _name, _value in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                      "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                      "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDER = ROOT / "book" / "records"
+# Rechecked by default: chapter 4's sweep at the rate where its variants differ most, and one seed of the
+# aggressive comparison (4 runs, full evaluation and projector monitor).
+DEFAULT = ["04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0"]
+
+
+def describe(key: dict) -> str:
+    runs = len(key.get("methods", {})) * len(key.get("lrs", [None])) + bool(key.get("vanilla"))
+    seed = key.get("config", {}).get("seed")
+    return f"{key.get('task')}, {runs} run(s), seed {seed}, model {key.get('model')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"records to rerun (default: {' '.join(DEFAULT)})")
+    parser.add_argument("--all", action="store_true", help="rerun every record in the folder")
+    parser.add_argument("--folder", type=Path, default=FOLDER, help="default: book/records")
+    parser.add_argument("--max-diffs", type=int, default=20, help="differences shown per record")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from mlunlearn import records
+
+    torch.set_num_threads(1)
+    folder = args.folder
+    paths = sorted(folder.glob("*.json"))
+    failed = []
+
+    # 1. every record: readable, and made with the versions running here (cheap).
+    keys = {}
+    for path in paths:
+        try:
+            key = records.read_record(path)["key"]
+            records.check_environment(key)
+            keys[path.stem] = key
+        except (ValueError, records.EnvironmentMismatch) as err:
+            print(f"FAIL   {path.name}: {err}")
+            failed.append(path.stem)
+    print(f"{len(paths)} records in {os.path.relpath(folder)}, {len(paths) - len(failed)} readable and "
+          "made with this mlunlearn and torch")
+
+    # 2. the chosen ones: recomputed from their keys and compared exactly.
+    names = [p.stem for p in paths] if args.all else (args.names or DEFAULT)
+    missing = [n for n in names if n not in keys and n not in failed]
+    for name in missing:
+        print(f"FAIL   {name}: no record {name}.json in {os.path.relpath(folder)}")
+    context = records.Context()
+    start = time.perf_counter()
+    for name in [n for n in names if n in keys]:
+        print(f"rerun  {name} ({describe(keys[name])}) ...", flush=True)
+        t = time.perf_counter()
+        differences = records.recheck(folder / f"{name}.json", context)
+        if differences:
+            failed.append(name)
+            print(f"FAIL   {name}: {len(differences)} value(s) differ from the record:")
+            for line in differences[: args.max_diffs]:
+                print(f"         {line}")
+            if len(differences) > args.max_diffs:
+                print(f"         ... and {len(differences) - args.max_diffs} more")
+        else:
+            print(f"ok     {name}: recomputed values equal the record exactly "
+                  f"({time.perf_counter() - t:.0f} s)")
+    rerun = len([n for n in names if n in keys])
+    print(f"rechecked {rerun} of {len(paths)} records in {time.perf_counter() - start:.0f} s"
+          + ("" if args.all else " (pass --all to rerun every record)"))
+    if failed or missing:
+        print(f"FAILED: {', '.join(failed + missing)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
