@@ -1,6 +1,6 @@
 # mlunlearn: build the book, run the tests, re-execute the chapters.
 #   make book      build the HTML book into _build/html (chapters are committed executed; nothing runs)
-#   make test      unit tests + nbval on every chapter (the command CI runs)
+#   make test      unit tests + nbval on every chapter + a recheck of the run records (the command CI runs)
 #   make execute   re-execute every chapter in place, top to bottom (run before committing a chapter)
 #   make clean     remove build artefacts (keeps .venv); make distclean also removes .venv
 
@@ -27,7 +27,7 @@ NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.c
 NB_WORKERS ?= 2
 UNIT_WORKERS ?= 2
 
-.PHONY: all install book test test-unit test-notebooks execute clean distclean
+.PHONY: all install book test test-unit test-notebooks test-records execute clean distclean
 
 all: book
 
@@ -48,7 +48,7 @@ book: $(STAMP)
 
 # -k: run the notebooks even when a unit test fails, so one CI run reports both; exit status stays non-zero.
 test: $(STAMP)
-	@$(MAKE) --no-print-directory -k test-unit test-notebooks
+	@$(MAKE) --no-print-directory -k test-unit test-notebooks test-records
 
 test-unit: $(STAMP)
 	$(NB_ENV) $(BIN)/python -m pytest -n $(UNIT_WORKERS) --dist loadfile tests
@@ -60,6 +60,11 @@ test-notebooks: $(STAMP)
 	@rc=0; $(NB_ENV) $(BIN)/python -m pytest -n $(NB_WORKERS) --dist loadscope $(NBVAL_FLAGS) book/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "nbval: no notebook cells collected under book/ (not a failure)"; rc=0; fi; \
 	exit $$rc
+
+# Chapters load their heavy grids from committed run records (book/records/, mlunlearn.records): this
+# recomputes a subset from scratch and fails unless it equals the records exactly (`--all`: every record).
+test-records: $(STAMP)
+	$(NB_ENV) $(BIN)/python tools/recheck_records.py
 
 execute: $(STAMP)
 	$(NB_ENV) $(BIN)/python tools/execute_notebooks.py
