@@ -136,7 +136,7 @@ class SineProject(Method):
     name = "sineproject"
     summary = "sine-modulated projector (W + sin(w dW)/w, W frozen) + LoRA, trained with any objective"
     unused = ("params",)  # what trains is fixed: the sine projector, plus LoRA unless lora=false
-    defaults = {"tiny": {"lr": 1e-3}}  # chapter 4's tuned rate
+    defaults = {"tiny": {"lr": 1e-3}}  # chapter 4: the tuned rate of every projector variant (objective po)
 
     objective: str = "npo"  # any registered baseline: npo, po, ga, graddiff, kl
     omega: float = 1.0
