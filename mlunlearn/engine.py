@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mlunlearn.data.unlearning import (
-    PairedCollator, PairedDataset, PairedSampler, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
+    PairedCollator, PairedDataset, PairedSampler, PhasedDataset, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
 )
 from mlunlearn.methods import Method, MethodError, get_method, trainable_parameter_names
 from mlunlearn.methods.params import STATE_FILE, load_trainable_state, save_trainable_state
@@ -212,7 +212,8 @@ class UnlearnTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         # Why not the Trainer's sampler: its order and our retain draws must not depend on torch's global
         # generator (dropout consumes it), or a resumed or multi-process run would see other pairs.
-        return PairedSampler(len(dataset), seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return PairedSampler(len(dataset), seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                             shuffle=getattr(dataset, "shuffled", True))
 
     def _save(self, output_dir=None, state_dict=None):
         # Why not save_pretrained: peft would save only the LoRA tensors (a sine projector, biases or masks
@@ -252,19 +253,28 @@ def _check_resumable(folder: Path, record: dict) -> None:
 
 
 class _UpdateHook(TrainerCallback):
-    """Apply a method's ``update_hook`` to every optimiser update: θ ← θ_before + hook(θ_after − θ_before)."""
+    """Apply a method's hooks around every optimiser step: ``gradient`` to each (clipped) gradient before
+    the step, ``update`` to each update after it: θ ← θ_before + update(θ_after − θ_before)."""
 
-    def __init__(self, model, hook):
+    def __init__(self, model, update=None, gradient=None):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.hook, self.before = hook, None
+        self.update, self.gradient, self.before = update, gradient, None
 
+    @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kw):
-        self.before = [p.detach().clone() for _, p in self.params]
+        if self.gradient is not None:
+            for name, p in self.params:
+                if p.grad is not None:
+                    p.grad.copy_(self.gradient(name, p, p.grad))
+        if self.update is not None:
+            self.before = [p.detach().clone() for _, p in self.params]
 
     @torch.no_grad()
     def on_optimizer_step(self, args, state, control, **kw):
+        if self.update is None:
+            return
         for (name, p), before in zip(self.params, self.before):
-            p.copy_(before + self.hook(name, p, p - before))
+            p.copy_(before + self.update(name, p, p - before))
         self.before = None
 
 
@@ -299,10 +309,17 @@ def _precision(choice: str, device: torch.device) -> dict:
 
 
 def prepare_data(method: Method, bench, forget: int, model, processor) -> UnlearningData:
-    """The forget/retain examples plus what the method needs (refusal answers, Prompt Decouple pairs)."""
+    """The forget/retain examples plus what the method needs (refusal answers, Prompt Decouple pairs).
+
+    ``bench`` may also be an :class:`UnlearningData` (e.g. one round of a continual run): it is used as is
+    (a copy; the derived examples are made afresh with the current model).
+    """
     from mlunlearn.benchmarks import as_benchmark
 
-    data = as_benchmark(bench).unlearning_data(forget)
+    if isinstance(bench, UnlearningData):
+        data = dataclasses.replace(bench, forget_refusal=None, pd=None)
+    else:
+        data = as_benchmark(bench).unlearning_data(forget)
     if method.needs_refusals:
         add_refusals(data)
     if method.pd > 0:
@@ -343,7 +360,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
 
     ``model``: a name for :func:`mlunlearn.models.load_model` or a loaded model (then pass ``processor``).
     ``data``: a source for :func:`mlunlearn.benchmarks.get_benchmark` (``"toyworld"``, ``"mllmu-bench"``,
-    a folder), a benchmark, or the files of one (:func:`mlunlearn.data.open_benchmark`).
+    a folder), a benchmark, the files of one (:func:`mlunlearn.data.open_benchmark`), or the
+    :class:`~mlunlearn.data.unlearning.UnlearningData` to train on (then ``forget`` only labels the run).
     ``method``: a registered name (with ``**hparams``) or a :class:`Method`. ``config``: engine settings;
     those left unset take the method's defaults for the model's family. ``output``: a folder for the model,
     checkpoints and ``run.json``; a folder that holds a run needs ``overwrite=True`` or ``config.resume``.
@@ -363,7 +381,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     elif processor is None:
         raise MethodError("pass processor=... together with a loaded model")
     check_llava(model)
-    bench = as_benchmark(data)
+    bench = data if isinstance(data, UnlearningData) else as_benchmark(data)
     family = model_family(model)
     defaults = method.engine_defaults(family)
     applied = {k: v for k, v in defaults.items() if getattr(config, k) is None}
@@ -404,9 +422,9 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     record = {"method": method.name, "hyperparameters": _jsonable(method.settings()),
               "trajectory": {k: getattr(config, k) for k in _TRAJECTORY}}
     timing = _Timing()
-    hook = method.update_hook()
-    extra = [_UpdateHook(model, hook)] if hook is not None else []
-    trainer = UnlearnTrainer(model=model, args=args, train_dataset=PairedDataset(examples, seed=config.seed),
+    update_hook, gradient_hook = method.update_hook(), method.gradient_hook()
+    extra = [_UpdateHook(model, update_hook, gradient_hook)] if (update_hook or gradient_hook) else []
+    trainer = UnlearnTrainer(model=model, args=args, train_dataset=training_dataset(method, examples, config, args.world_size),
                              data_collator=PairedCollator(processor), method=method, reference=reference,
                              parametrisation=parametrisation, method_record=record,
                              callbacks=[timing, *extra, *(callbacks or [])])
@@ -439,7 +457,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     run = {
         "method": method.name, "hyperparameters": method.settings(), "config": dataclasses.asdict(config),
         "defaults": {"family": family, "applied": applied},
-        "model": model_name, "data": bench.source, "forget": forget, "seed": config.seed,
+        "model": model_name, "data": bench.source if not isinstance(bench, UnlearningData) else (bench.source or "UnlearningData"),
+        "forget": forget, "seed": config.seed,
         "examples": {"forget": len(examples.forget), "retain": len(examples.retain)},
         "trainable_parameters": n_trainable,
         "trainable_tensors": len(trainable),
@@ -458,6 +477,15 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         save_run(model, processor, run, out, progress=config.progress, merged=merged,
                  parametrisation=parametrisation)
     return UnlearnResult(model, processor, log, run)
+
+
+def training_dataset(method: Method, examples: UnlearningData, config: UnlearnConfig, processes: int = 1):
+    """Paired forget/retain items, or the method's alternating step plan (:meth:`Method.phases`)."""
+    per_step = config.batch_size * config.grad_accum * processes
+    plan = method.phases(math.ceil(len(examples.forget) / per_step), math.ceil(len(examples.retain) / per_step))
+    if plan is None:
+        return PairedDataset(examples, seed=config.seed)
+    return PhasedDataset(examples, plan, config.batch_size, repeat=config.grad_accum * processes, seed=config.seed)
 
 
 def _planned_steps(trainer, config: UnlearnConfig) -> int:

@@ -211,6 +211,67 @@ def test_setup_sees_the_data_and_the_update_hook_acts_on_the_update(vanilla):
     assert not torch.equal(after.linear_1.weight, before.linear_1.weight)
 
 
+def test_the_gradient_hook_acts_before_the_step_so_adams_moments_never_see_what_it_removes(vanilla):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Probe(GA):
+        name = "probe-gradient"
+
+        def gradient_hook(self):
+            return lambda name, param, grad: grad * 0 if "linear_2" in name else grad
+
+    model, processor = vanilla
+    run = unlearn(copy.deepcopy(model), "toyworld", 5, Probe(params="projector"),
+                  UnlearnConfig(lr=1e-3, max_steps=3, progress=False), processor=processor)
+    after, before = run.model.model.multi_modal_projector, model.model.multi_modal_projector
+    # a zero gradient from the first step on: Adam's moments stay 0, so linear_2 never moves
+    assert torch.equal(after.linear_2.weight, before.linear_2.weight)
+    assert not torch.equal(after.linear_1.weight, before.linear_1.weight)
+
+
+def test_a_method_can_alternate_forget_only_and_retain_only_steps(vanilla):
+    from dataclasses import dataclass
+
+    from mlunlearn.methods.terms import nll
+
+    seen = []
+
+    @dataclass
+    class Alternating(GA):
+        name = "probe-phases"
+
+        def phases(self, forget_batches, retain_batches):
+            seen.append(("plan", forget_batches, retain_batches))
+            return ["forget", "retain", "retain"] * forget_batches
+
+        def loss(self, model, batch, reference):
+            streams = sorted(k for k in batch if k in ("forget", "retain", "forget_refusal", "pd"))
+            seen.append((batch["phase"], streams))
+            value = nll(model, batch, batch["phase"]).mean()
+            return {"loss": -value if batch["phase"] == "forget" else value}
+
+    model, processor = vanilla
+    run = unlearn(copy.deepcopy(model), "toyworld", 5, Alternating(kl_weight=0.5),
+                  UnlearnConfig(lr=1e-3, epochs=1, batch_size=4, progress=False), processor=processor)
+    assert seen[0] == ("plan", 4, 72)  # 15 forget and 285 retain examples, 4 per step
+    steps = seen[1:]
+    assert run.run["steps"] == len(steps) == 12
+    assert steps[:3] == [("forget", ["forget"]), ("retain", ["retain"]), ("retain", ["retain"])]
+    kl = [r.get("retain_kl") for r in run.log if "loss" in r]  # the add-on only on retain steps
+    assert kl[0] is None and kl[1] is not None
+
+
+def test_unlearning_data_can_be_given_directly(vanilla):
+    model, processor = vanilla
+    data = unlearning_data(open_benchmark("toyworld"), 10)
+    data.forget = data.forget[:8]
+    run = unlearn(copy.deepcopy(model), data, "round 2", "ga",
+                  UnlearnConfig(lr=1e-3, max_steps=1, progress=False), processor=processor)
+    assert run.run["examples"]["forget"] == 8 and run.run["data"] == "toyworld forget_10"
+    assert run.run["forget"] == "round 2"
+
+
 # -- benchmarks ------------------------------------------------------------------------------------------
 def test_benchmarks_are_registered_and_check_their_splits():
     from mlunlearn.benchmarks import BENCHMARKS, get_benchmark

@@ -40,6 +40,7 @@ class UnlearningData:
     retain_ids: list
     forget_refusal: list | None = None
     pd: list | None = None
+    source: str | None = None  # where it came from, for run.json (e.g. "toyworld forget_10 - forget_5")
 
     def summary(self) -> str:
         return (f"{len(self.forget)} forget examples ({len(self.forget_ids)} people), "
@@ -73,7 +74,7 @@ def unlearning_data(bench, forget: int = 5) -> UnlearningData:
     pairs = _pairs(bench.load("ft_Data"), "ft_Data")
     f_set, r_set = set(forget_ids), set(retain_ids)
     data = UnlearningData(forget=[e for i, e in pairs if i in f_set], retain=[e for i, e in pairs if i in r_set],
-                          forget_ids=forget_ids, retain_ids=retain_ids)
+                          forget_ids=forget_ids, retain_ids=retain_ids, source=f"{bench.name} {forget_cfg}")
     if not data.forget:
         raise UnlearningDataError(f"ft_Data of {bench.name} has no question-answer pairs for the people of "
                                   f"{forget_cfg}; is ft_Data complete?")
@@ -166,15 +167,79 @@ class PairedDataset(torch.utils.data.Dataset):
         return item
 
 
+class PhasedDataset(torch.utils.data.Dataset):
+    """For methods that alternate steps (e.g. MMUnlearner: a masked forget step, then retain steps):
+    each optimiser step sees one stream only, as the method's :meth:`~mlunlearn.methods.Method.phases`
+    plan says.
+
+    ``plan`` lists one epoch's optimiser steps in order, each ``"forget"`` or ``"retain"``. A step takes
+    ``batch_size · repeat`` consecutive items (``repeat`` = gradient-accumulation steps × processes, so
+    that every micro-batch of one optimiser step, in every process, is of the same phase), drawn in
+    turn from that epoch's shuffled forget or retain order (wrapping around when a stream runs out).
+    The orders depend on ``(seed, epoch)`` only, like :class:`PairedSampler`'s, so a resumed run sees
+    the same steps; the sampler must not shuffle (``shuffled = False``). Items carry ``"phase"``.
+    """
+
+    shuffled = False  # the order is the plan's: the sampler yields indices in sequence
+
+    def __init__(self, data: UnlearningData, plan: list, batch_size: int, repeat: int = 1, seed: int = 0):
+        bad = sorted({p for p in plan} - {"forget", "retain"})
+        if not plan or bad:
+            raise UnlearningDataError(f"a step plan needs 'forget'/'retain' steps; got {bad or 'none'}")
+        self.data, self.plan, self.seed = data, list(plan), seed
+        self.block = batch_size * repeat
+        self.length = len(self.plan) * self.block
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def steps(self, epoch: int) -> list:
+        """``[(phase, example index)]`` for every item of ``epoch``, in order."""
+        if epoch not in self._cache:
+            orders, used = {}, {"forget": 0, "retain": 0}
+            for stream in used:
+                orders[stream] = list(range(len(getattr(self.data, stream))))
+                random.Random(f"{stream}:{self.seed}:{epoch}").shuffle(orders[stream])
+            out = []
+            for phase in self.plan:
+                for _ in range(self.block):
+                    order = orders[phase]
+                    out.append((phase, order[used[phase] % len(order)]))
+                    used[phase] += 1
+            self._cache = {epoch: out}
+        return self._cache[epoch]
+
+    def __getitem__(self, j: int) -> dict:
+        d = self.data
+        epoch, k = divmod(int(j), self.length)
+        phase, i = self.steps(epoch)[k]
+        if phase == "retain":
+            return {"phase": "retain", "retain": d.retain[i]}
+        item = {"phase": "forget", "forget": d.forget[i]}
+        if d.forget_refusal is not None:
+            item["forget_refusal"] = d.forget_refusal[i]
+        if d.pd is not None:
+            item["pd"] = d.pd[i]
+        return item
+
+
 class PairedCollator:
-    """A list of items → ``{key: LLaVA batch}`` (one collated batch per key)."""
+    """A list of items → ``{key: LLaVA batch}`` (one collated batch per key; a ``"phase"`` is kept as is)."""
 
     def __init__(self, processor):
         self.processor = processor
 
     def __call__(self, items: list) -> dict:
-        return {key: collate(self.processor, [it[key] for it in items]) for key in items[0]}
+        out = {key: collate(self.processor, [it[key] for it in items]) for key in items[0] if key != "phase"}
+        if "phase" in items[0]:
+            phases = {it["phase"] for it in items}
+            if len(phases) != 1:
+                raise UnlearningDataError(f"a batch mixes the phases {sorted(phases)}; the step plan's blocks "
+                                          "must be whole batches")
+            out["phase"] = phases.pop()
+        return out
 
 
-__all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "PairedSampler", "UnlearningData", "UnlearningDataError",
+__all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "PairedSampler", "PhasedDataset", "UnlearningData", "UnlearningDataError",
            "add_prompt_decouple", "add_refusals", "unlearning_data"]

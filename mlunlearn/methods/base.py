@@ -12,6 +12,7 @@ The engine (:mod:`mlunlearn.engine`) calls, in order:
 3. :meth:`Method.loss` at every step, with a batch ``{"forget", "retain", "forget_refusal", "pd"}`` of
    collated LLaVA batches (answer-token labels) and a :class:`Reference` giving the frozen model's outputs.
    It returns a dict of named loss terms; ``"loss"`` is what is minimised, the rest are logged;
+   (:meth:`Method.phases` may instead alternate forget-only and retain-only steps, ``batch["phase"]``);
 4. :meth:`Method.addons` — terms the engine adds to every method's loss (Prompt Decouple ``pd``, the
    retain KL ``kl_weight``), so that no method can forget them;
 5. :meth:`Method.update_hook` — optionally, a function applied to each optimiser *update* (after the
@@ -96,8 +97,21 @@ class Method:
     def setup(self, model, data, processor) -> None:
         """Once before training, with the prepared model and the :class:`UnlearningData`. Nothing by default."""
 
+    def phases(self, forget_batches: int, retain_batches: int) -> list | None:
+        """How one epoch's optimiser steps alternate. ``None`` (default): every step sees a forget batch
+        and a retain batch, paired. Otherwise a list of ``"forget"`` / ``"retain"``, one per optimiser
+        step: that step's batch holds only that stream, with ``batch["phase"]`` saying which
+        (:class:`~mlunlearn.data.unlearning.PhasedDataset`). ``forget_batches`` / ``retain_batches``:
+        how many optimiser steps one pass over each set takes."""
+        return None
+
     def update_hook(self) -> Callable | None:
         """``None``, or ``f(name, parameter, update) -> update`` applied to every optimiser update."""
+        return None
+
+    def gradient_hook(self) -> Callable | None:
+        """``None``, or ``f(name, parameter, grad) -> grad`` applied to every gradient after clipping and
+        before the optimiser step (what the optimiser's moments see), e.g. a saliency mask."""
         return None
 
     # -- the objective -----------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class RetainKL:
     needs_reference = True
 
     def __call__(self, model, batch, reference, terms: dict) -> dict:
+        if "retain" not in batch:  # a forget-only step of a method that alternates (Method.phases)
+            return terms
         retain = batch["retain"]
         terms["retain_kl"] = answer_kl(reference.logits(retain), logits(model, batch, "retain"), retain["labels"])
         terms["loss"] = terms["loss"] + self.weight * terms["retain_kl"]
