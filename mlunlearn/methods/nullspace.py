@@ -250,3 +250,30 @@ class NullSpaceCVF(Method):
             p = self.projections.get(name.removeprefix("base_model.model."))
             return update if p is None else update @ p.to(update.dtype)
         return project
+
+
+@torch.no_grad()
+def retained_output_change(before, after, processor, examples) -> dict:
+    """``{layer: ‖W_after·x − W_before·x‖ / ‖W_before·x‖}`` per visual linear layer, over the inputs x that
+    layer receives in ``before`` on the images of ``examples``: how much each layer's own edit changes what it
+    outputs on those (e.g. retained) inputs, apart from what earlier layers changed."""
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            inputs[name] = args[0].detach()
+        return hook
+
+    layers_before, layers_after = visual_linears(before), visual_linears(after)
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers_before.items()]
+    try:
+        pixels = collate(processor, _distinct_images(examples))["pixel_values"]
+        visual_representation(before, pixels.to(next(before.parameters()).device), [("projector", None)])
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, x in inputs.items():
+        y = layers_before[name](x)
+        out[name] = ((layers_after[name](x) - y).norm() / y.norm()).item()
+    return out
