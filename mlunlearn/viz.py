@@ -108,3 +108,114 @@ def plot_training_log(log, ax=None, title: str = "training loss per stream"):
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="stream")
     ax.figure.tight_layout()
     return ax
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention and saliency over the portrait (book chapter 7)
+# ----------------------------------------------------------------------------------------------------
+
+def heatmap_over_image(image, values, ax=None, cmap: str | None = None, vmin=None, vmax=None,
+                       alpha: float = 0.6, diverging: bool = False):
+    """``values`` (a ``(grid, grid)`` patch map, or a pixel map) drawn over ``image``: each cell covers its
+    patch of the portrait, row 0 at the top (the visual-token order of
+    :func:`mlunlearn.analysis.to_patch_grid`). ``diverging``: a red-blue map centred on 0 (signed
+    attributions); otherwise a sequential map from ``vmin`` (default the map's minimum). Returns the
+    heat-map's ``AxesImage`` (for a colour bar)."""
+    img = np.asarray(decode_image(image))
+    values = np.asarray(values, dtype=float)
+    ax = ax or plt.subplots(figsize=(2.4, 2.4))[1]
+    ax.imshow(img, interpolation="nearest")
+    if diverging:
+        bound = np.abs(values).max() if vmax is None else vmax
+        vmin, vmax, cmap = -bound, bound, cmap or "RdBu_r"
+    shown = ax.imshow(values, cmap=cmap or "magma", vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest",
+                      extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.grid(False)
+    return shown
+
+
+def heatmaps_beside_image(image, maps, titles, suptitle: str | None = None, diverging=False, shared_scale=False,
+                          size: float = 1.75, colorbar_label: str | None = None):
+    """The portrait, then each map of ``maps`` over it, in one row at most :data:`COLUMN_WIDTH` wide.
+
+    ``diverging``: one bool for all maps or one per map (signed attributions: red-blue centred on 0).
+    ``shared_scale``: one colour scale for all maps (to compare magnitudes, e.g. before and after
+    unlearning); otherwise each map has its own scale and colour bar.
+    """
+    maps = [np.asarray(m, dtype=float) for m in maps]
+    flags = [diverging] * len(maps) if isinstance(diverging, bool) else list(diverging)
+    n = len(maps) + 1
+    size = min(size, COLUMN_WIDTH / (n + 0.35 * len(maps)))
+    fig, axes = plt.subplots(1, n, figsize=(COLUMN_WIDTH if n > 3 else size * n * 1.35, size + 0.75),
+                             squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(np.asarray(decode_image(image)), interpolation="nearest")
+    axes[0].set_title("portrait", fontsize=9)
+    axes[0].set_xticks([]), axes[0].set_yticks([])
+    axes[0].grid(False)
+    bound = max(np.abs(m).max() for m in maps) if shared_scale else None
+    low = min(m.min() for m in maps) if shared_scale else None
+    for ax, values, title, signed in zip(axes[1:], maps, titles, flags):
+        if signed:
+            shown = heatmap_over_image(image, values, ax, diverging=True, vmax=bound)
+        else:
+            shown = heatmap_over_image(image, values, ax, vmin=low, vmax=bound)
+        ax.set_title(title, fontsize=9)
+        if not shared_scale or ax is axes[-1]:
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=7)
+            if colorbar_label and ax is axes[-1]:
+                bar.set_label(colorbar_label, fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_profile(profiles: dict, ax=None, ylabel: str = "attention to the image",
+                       title: str | None = None, styles: dict | None = None):
+    """One line per entry of ``profiles`` (label → values per decoder layer, e.g.
+    :meth:`mlunlearn.analysis.CrossModalAttention.layer_profile` of one example), layers on the x axis; the
+    legend sits right of the axes. ``styles``: label → keyword arguments for ``ax.plot``."""
+    ax = ax or plt.subplots(figsize=(COLUMN_WIDTH * 0.6, 2.6))[1]
+    for label, values in profiles.items():
+        values = np.asarray(values, dtype=float)
+        ax.plot(range(len(values)), values, marker="o", lw=1.5, label=label, **(styles or {}).get(label, {}))
+    ax.set_xticks(range(max(len(np.asarray(v)) for v in profiles.values())))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    return ax
+
+
+def heatmap_grid(image, maps, row_labels, column_labels, diverging=False, colorbar_labels=None,
+                 suptitle: str | None = None):
+    """A table of maps over one portrait: ``maps[r][c]`` is drawn over ``image`` in row ``r`` (e.g. a
+    measure), column ``c`` (e.g. a model); each row shares one colour scale (``diverging``: one bool for all
+    rows or one per row) with its colour bar at the right, so a row compares like with like."""
+    rows, cols = len(maps), len(maps[0])
+    flags = [diverging] * rows if isinstance(diverging, bool) else list(diverging)
+    cell = min(1.6, (COLUMN_WIDTH - 0.9) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.9, cell * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        values = [np.asarray(m, dtype=float) for m in maps[r]]
+        bound = max(np.abs(v).max() for v in values)
+        low = min(v.min() for v in values)
+        for c, v in enumerate(values):
+            ax = axes[r, c]
+            shown = (heatmap_over_image(image, v, ax, diverging=True, vmax=bound) if flags[r]
+                     else heatmap_over_image(image, v, ax, vmin=low, vmax=bound))
+            if r == 0:
+                ax.set_title(column_labels[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=9)
+        bar = fig.colorbar(shown, ax=list(axes[r]), fraction=0.025, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+        if colorbar_labels:
+            bar.set_label(colorbar_labels[r], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig

@@ -170,3 +170,24 @@ class TestOnTheTinyModel:
         assert torch.allclose(att.scores, plain.scores)  # peft's B = 0 start: the same model
         inner = wrapped.base_model.model
         assert inner.config.text_config._attn_implementation == "sdpa" and wrapped.training
+
+
+def test_heatmap_over_the_portrait_keeps_the_grid_orientation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mlunlearn.viz import COLUMN_WIDTH, heatmap_grid, heatmap_over_image, heatmaps_beside_image
+
+    portrait = Image.new("RGB", (48, 48))
+    values = to_patch_grid(torch.arange(16.0), 4).numpy()
+    shown = heatmap_over_image(portrait, values)
+    assert shown.get_extent() == [-0.5, 47.5, 47.5, -0.5]  # the 4x4 cells cover the 48x48 portrait
+    assert shown.get_array()[0, 1] == 1 and shown.get_array()[1, 0] == 4  # row 0 drawn at the top
+    fig = heatmaps_beside_image(portrait, [values, -values], ["a", "b"], diverging=[False, True])
+    assert fig.get_size_inches()[0] <= COLUMN_WIDTH + 1e-9
+    fig = heatmap_grid(portrait, [[values] * 4] * 3, ["r1", "r2", "r3"], list("abcd"), diverging=True)
+    assert fig.get_size_inches()[0] <= COLUMN_WIDTH + 1e-9
+    plt.close("all")
