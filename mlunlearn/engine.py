@@ -31,7 +31,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mlunlearn.data.unlearning import (
-    PairedCollator, PairedDataset, PairedSampler, PhasedDataset, UnlearningData, add_prompt_decouple, add_refusals, unlearning_data,
+    PairedCollator, PairedDataset, PairedSampler, PhasedDataset, UnlearningData, add_knowledge, add_prompt_decouple,
+    add_refusals, unlearning_data,
 )
 from mlunlearn.methods import Method, MethodError, get_method, trainable_parameter_names
 from mlunlearn.methods.params import STATE_FILE, load_trainable_state, save_trainable_state
@@ -309,7 +310,8 @@ def _precision(choice: str, device: torch.device) -> dict:
 
 
 def prepare_data(method: Method, bench, forget: int, model, processor) -> UnlearningData:
-    """The forget/retain examples plus what the method needs (refusal answers, Prompt Decouple pairs).
+    """The forget/retain examples plus what the method needs (refusal answers, Prompt Decouple pairs, the
+    text-only questions of every profile).
 
     ``bench`` may also be an :class:`UnlearningData` (e.g. one round of a continual run): it is used as is
     (a copy; the derived examples are made afresh with the current model).
@@ -322,6 +324,15 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
         data = as_benchmark(bench).unlearning_data(forget)
     if method.needs_refusals:
         add_refusals(data)
+    if getattr(method, "needs_knowledge", False) and data.knowledge is None:
+        if isinstance(bench, UnlearningData):
+            raise MethodError(f"{method.name} needs the text-only questions of every profile: fill the "
+                              "UnlearningData's knowledge with mlunlearn.data.unlearning.add_knowledge(data, bench)")
+        files = getattr(as_benchmark(bench), "files", None)  # MLLMU-Bench's layout: Full_Set
+        if files is None:
+            raise MethodError(f"{method.name} needs Full_Set's text-only questions of every profile; "
+                              f"{bench!r} has no MLLMU-Bench files")
+        add_knowledge(data, files)
     if method.pd > 0:
         add_prompt_decouple(data, model, processor)
     return data

@@ -31,7 +31,9 @@ class UnlearningData:
 
     ``forget_refusal[i]``: forget question i answered with a refusal (PO); ``pd[i]``: forget question i
     asked about another (retain) person's image, answered as the original model answered it (Prompt
-    Decouple); filled by :func:`add_prompt_decouple`.
+    Decouple); filled by :func:`add_prompt_decouple`. ``knowledge``: text-only question-answer pairs of
+    *every* profile, forget people included (MMUnlearner's preserve set for the language model); filled
+    by :func:`add_knowledge`.
     """
 
     forget: list
@@ -40,6 +42,7 @@ class UnlearningData:
     retain_ids: list
     forget_refusal: list | None = None
     pd: list | None = None
+    knowledge: list | None = None
     source: str | None = None  # where it came from, for run.json (e.g. "toyworld forget_10 - forget_5")
 
     def summary(self) -> str:
@@ -86,6 +89,34 @@ def unlearning_data(bench, forget: int = 5) -> UnlearningData:
 def add_refusals(data: UnlearningData) -> UnlearningData:
     """Pair each forget question with a refusal answer (cycling through :data:`REFUSALS`)."""
     data.forget_refusal = [Example(e.prompt, REFUSALS[i % len(REFUSALS)], e.image) for i, e in enumerate(data.forget)]
+    return data
+
+
+def knowledge_examples(bench) -> list:
+    """Text-only question-answer pairs of every profile in ``Full_Set`` (forget people included), as
+    MMUnlearner's public code builds them (its ``MLLMU_text_Dataset``): each
+    ``Classification_Task["Pure_Text_Questions"]`` item becomes question → the correct option's text,
+    asked without an image."""
+    rows = bench.load("Full_Set")
+    require_columns(rows, ("ID", "Classification_Task"), "Full_Set")
+    out = []
+    for row in rows:
+        for q in (row["Classification_Task"] or {}).get("Pure_Text_Questions") or []:
+            try:
+                answer = q["Options"][q["Correct_Answer"]]
+            except (KeyError, TypeError):
+                raise BenchmarkError(f"Full_Set row ID {row['ID']}: a Pure_Text_Questions item has no option "
+                                     f"for its Correct_Answer ({str(q)[:60]!r}); is this MLLMU-Bench's layout?") from None
+            out.append(Example(prompts.qa_prompt(q["Question"], False), str(answer)))
+    if not out:
+        raise BenchmarkError(f"Full_Set of {bench.name} has no Pure_Text_Questions: the text-only preserve set "
+                             "would be empty")
+    return out
+
+
+def add_knowledge(data: UnlearningData, bench) -> UnlearningData:
+    """Fill ``data.knowledge`` with :func:`knowledge_examples` of ``bench``."""
+    data.knowledge = knowledge_examples(bench)
     return data
 
 
@@ -242,4 +273,4 @@ class PairedCollator:
 
 
 __all__ = ["BenchmarkError", "PairedCollator", "PairedDataset", "PairedSampler", "PhasedDataset", "UnlearningData", "UnlearningDataError",
-           "add_prompt_decouple", "add_refusals", "unlearning_data"]
+           "add_knowledge", "add_prompt_decouple", "add_refusals", "knowledge_examples", "unlearning_data"]

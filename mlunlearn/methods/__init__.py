@@ -6,7 +6,7 @@ Each reads like its equation; the engine (:mod:`mlunlearn.engine`) is the same f
 from .base import Method, MethodError, Reference, trainable_parameter_names
 from .registry import METHODS, describe, get_method, register
 
-from . import ga, graddiff, kl, npo, nullspace, po, sineproject  # noqa: E402,F401  (registers the methods)
+from . import cagul, ga, graddiff, kl, mmunlearner, npo, nullspace, po, sineproject  # noqa: E402,F401  (registers the methods)
 
 __all__ = ["METHODS", "Method", "MethodError", "Reference", "describe", "get_method", "register",
            "trainable_parameter_names"]

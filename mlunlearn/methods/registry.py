@@ -35,6 +35,8 @@ def convert(default, value, key: str = ""):
     if not isinstance(value, str):
         return value
     if default is None:
+        if value.lower() in ("none", "null"):  # back to the optional setting's default behaviour
+            return None
         default = 0.0
     try:
         if isinstance(default, bool):
