@@ -58,7 +58,9 @@ def run_continual(model, processor, rounds, method, hparams=None, config: Unlear
     Returns ``(table, model)``: one row per round (round 0 = before any) with the teacher-forced exact-match
     % (greedy decoding would reproduce the answer) on each round's people, on all people forgotten so far,
     and on ``never`` (retain examples of people no round forgets; default: the last round's retain set,
-    every 5th example); and the model after the last round. ``model`` itself is not modified.
+    every 5th example); and the model after the last round. ``model`` itself is not modified. For a method
+    with a null-space constraint the table also gives, per round, the number of images its covariance
+    protected and the input directions left free (summed over layers).
     """
     config = dataclasses.replace(config or UnlearnConfig(), progress=False)
     never = never if never is not None else rounds[-1].retain[::5]
@@ -82,4 +84,7 @@ def run_continual(model, processor, rounds, method, hparams=None, config: Unlear
         current = run.model
         protected += data.forget
         rows.append(score(k, run.run["steps"]))
+        if getattr(m, "nullspace_dims", None):
+            rows[-1]["protected images"] = m.protected_images
+            rows[-1]["free dims"] = sum(kept for kept, _ in m.nullspace_dims.values())
     return pd.DataFrame(rows).set_index("round"), current

@@ -194,6 +194,7 @@ class NullSpaceCVF(Method):
         self._layers = parse_layers(self.layers)
         self.projections: dict = {}
         self.nullspace_dims: dict = {}
+        self.protected_images = 0
         self._reference: dict = {}
         # set by the continual runner (mlunlearn.continual): more examples whose images the constraint
         # protects, e.g. earlier rounds' forgotten faces (not a hyper-parameter: data, not a setting)
@@ -217,7 +218,9 @@ class NullSpaceCVF(Method):
         model.train(was_training)
         self.projections, self.nullspace_dims = {}, {}
         if self.nullspace:
-            for name, (cov, n) in input_covariances(model, processor, data.retain + list(self.protect)).items():
+            protected = data.retain + list(self.protect)
+            self.protected_images = len(_distinct_images(protected))
+            for name, (cov, n) in input_covariances(model, processor, protected).items():
                 p = null_space(cov, self.threshold).to(device)
                 self.projections[name + ".weight"] = p
                 self.nullspace_dims[name] = (int(round(float(torch.trace(p)))), p.shape[0])
