@@ -86,6 +86,22 @@ class Comparison:
     samples: dict = field(default_factory=dict)  # method -> greedy replies to the ``show`` examples
     monitors: dict = field(default_factory=dict)  # method -> the callbacks ``monitor`` made for its run
 
+    @classmethod
+    def from_record(cls, value: dict) -> "Comparison":
+        """The table of a ``compare`` run record (:mod:`mlunlearn.records`) and, if stored, each run's
+        learning rate, parametrisation and steps, laid out as in a run's ``run.json`` (``config.lr``);
+        logs, replies and monitors are not kept in records."""
+        runs = {label: {"config": {"lr": run["lr"]}, "parametrisation": run["parametrisation"],
+                        "steps": run["steps"]} for label, run in value.get("runs", {}).items()}
+        return cls(pd.DataFrame(value["table"]).set_index("method"), runs=runs)
+
+    def __add__(self, other: "Comparison") -> "Comparison":
+        """The rows of both, this one's first (e.g. baselines from a record, then the runs of a chapter)."""
+        merged = Comparison(pd.concat([self.table, other.table]))
+        for name in ("logs", "runs", "results", "benign", "samples", "monitors"):
+            setattr(merged, name, {**getattr(self, name), **getattr(other, name)})
+        return merged
+
     def replies(self, mode: str = "forget", task: str = "generation", modality: str = "Image_Textual",
                 n: int = 3) -> pd.DataFrame:
         """The first ``n`` questions of one (mode, task, modality) and each method's reply to them."""
@@ -141,4 +157,39 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
         out.logs[label], out.runs[label] = run.curves(), run.run
         out.results[label], out.benign[label] = result, benign
     out.table = pd.DataFrame(rows).set_index("method")
+    return out
+
+
+# The baselines every method chapter puts its method beside, each at its tuned default for the model's
+# family (chapter 2), seed 0.
+BASELINES = {"GA": ("ga", {}), "GradDiff": ("graddiff", {}), "NPO": ("npo", {})}
+
+
+def baseline_comparison(model, processor, bench, labels=("GA", "GradDiff", "NPO"), forget: int = 5,
+                        batch_size: int = 64, fresh=None, records=None, model_name: str = "tiny",
+                        data_name: str = "toyworld") -> Comparison:
+    """The vanilla row and the baselines ``labels`` of :data:`BASELINES` (chapters 5 and 6).
+
+    With ``records`` (a folder), "train or load": one shared run record holds all of :data:`BASELINES`
+    (keyed by ``model_name``, ``data_name``, the settings and the versions; a collapsed model's scorecard
+    is the slowest part of a chapter, so chapters share it), computed and stored when absent or stale.
+    Without, the runs are done here with ``fresh`` (e.g. a 7B model reloaded in 4 bits for each run).
+    """
+    from mlunlearn.records import Context, cached_task, compare_key
+
+    unknown = [label for label in labels if label not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}; use some of {', '.join(BASELINES)}")
+    config = UnlearnConfig(seed=0, progress=False)
+    if records is None:
+        return compare(model, processor, bench, {label: BASELINES[label] for label in labels}, config,
+                       forget, batch_size=batch_size, progress=False, fresh=fresh)
+    device = str(model.device)
+    key = compare_key(model_name, data_name, BASELINES, config, forget, vanilla=True, batch_size=batch_size,
+                      device=device, runs=True)
+    slug = "".join(c if c.isalnum() else "-" for c in model_name).strip("-")[-40:]
+    context = Context().add(model_name, device, data_name, model, processor, bench)
+    out = Comparison.from_record(cached_task(f"baselines_{slug}_forget{forget}_seed0", key, records, context))
+    out.table = out.table.loc[["vanilla", *labels]]
+    out.runs = {label: out.runs[label] for label in labels}
     return out

@@ -143,12 +143,17 @@ def monitor_spec(every: int = 10, images: int = 8, max_tokens: int | None = None
 
 
 def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, vanilla: bool = True,
-                batch_size: int = 64, monitor: dict | None = None, device: str = "cpu") -> dict:
-    """The key of an :func:`mlunlearn.experiments.compare` run; ``monitor``: :func:`monitor_spec`."""
-    return canonical({"task": "compare", "model": model, "device": device, "data": data,
-                      "forget": forget, "methods": _methods(methods), "config": dataclasses.asdict(config),
-                      "vanilla": vanilla, "batch_size": batch_size, "monitor": monitor,
-                      **environment()})
+                batch_size: int = 64, monitor: dict | None = None, device: str = "cpu",
+                runs: bool = False) -> dict:
+    """The key of an :func:`mlunlearn.experiments.compare` run; ``monitor``: :func:`monitor_spec`;
+    ``runs``: also store each run's learning rate, what trained and its steps (only then is it part of
+    the key, so records made without it keep their keys)."""
+    key = {"task": "compare", "model": model, "device": device, "data": data,
+           "forget": forget, "methods": _methods(methods), "config": dataclasses.asdict(config),
+           "vanilla": vanilla, "batch_size": batch_size, "monitor": monitor, **environment()}
+    if runs:
+        key["runs"] = True
+    return canonical(key)
 
 
 
@@ -236,8 +241,12 @@ def _task_compare(key: dict, context: Context) -> dict:
     out = compare(model, processor, bench, _specs(key), _config(key), key["forget"],
                   vanilla=key["vanilla"], batch_size=key["batch_size"], progress=False,
                   fresh=context.fresh(key), monitor=monitor)
-    return {"table": out.table.reset_index().to_dict(orient="records"),
-            "monitors": {label: m.frame().to_dict(orient="records") for label, m in out.monitors.items()}}
+    value = {"table": out.table.reset_index().to_dict(orient="records"),
+             "monitors": {label: m.frame().to_dict(orient="records") for label, m in out.monitors.items()}}
+    if key.get("runs"):
+        value["runs"] = {label: {"lr": run["config"]["lr"], "parametrisation": run["parametrisation"],
+                                 "steps": run["steps"]} for label, run in out.runs.items()}
+    return value
 
 
 # key["task"] -> function(key, context) -> JSON-able value. Every record's value is one of these on its key.

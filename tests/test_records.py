@@ -147,3 +147,36 @@ def test_a_sweep_record_is_reproduced_from_its_key_and_tampering_is_caught(tmp_p
 
     _tamper(path, lambda v: v["sweep"][0].update({"retain exact %": 100.0}))
     assert any("retain exact %" in line for line in records.recheck(path, context))
+
+
+# -- compare records with run summaries, shared by chapters 5 and 6 -----------------------------------------
+
+
+def test_run_summaries_enter_a_compare_key_only_when_asked():
+    methods = {"GA": ("ga", {})}
+    plain = records.compare_key("tiny", "toyworld", methods, UnlearnConfig(seed=0))
+    assert "runs" not in plain  # chapter 4's records keep their keys
+    assert records.compare_key("tiny", "toyworld", methods, UnlearnConfig(seed=0), runs=True) == {**plain, "runs": True}
+
+
+def test_a_comparison_from_a_record_keeps_its_rows_and_runs_and_adds_to_another():
+    from mlunlearn.experiments import Comparison
+
+    value = records.canonical({"table": [{"method": "vanilla", "lr": None, "forget cls img": 100.0},
+                                         {"method": "GA", "lr": 1e-3, "forget cls img": 0.0}],
+                               "runs": {"GA": {"lr": 1e-3, "parametrisation": "lora", "steps": 40}}})
+    base = Comparison.from_record(value)
+    assert list(base.table.index) == ["vanilla", "GA"]
+    assert base.runs["GA"] == {"config": {"lr": 1e-3}, "parametrisation": "lora", "steps": 40}  # run.json's layout
+    ours = Comparison(base.table.loc[["GA"]].rename(index={"GA": "X"}), logs={"X": "log"},
+                      runs={"X": {"steps": 7}})
+    both = base + ours
+    assert list(both.table.index) == ["vanilla", "GA", "X"]
+    assert both.runs == {"GA": base.runs["GA"], "X": {"steps": 7}} and both.logs == {"X": "log"}
+
+
+def test_an_unknown_baseline_is_named():
+    from mlunlearn.experiments import baseline_comparison
+
+    with pytest.raises(ValueError, match="unknown baseline 'GD'; use some of GA, GradDiff, NPO"):
+        baseline_comparison(None, None, None, ["GD"])

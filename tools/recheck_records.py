@@ -7,8 +7,9 @@ and the value the code returned for it; chapters load records instead of rerunni
 This tool reruns records from their keys alone, in a fresh process, and compares every stored value with
 the recomputed one exactly (no tolerance: the chapters run on one CPU thread, bit-reproducibly).
 
-Default: a subset chosen to take under about 3 minutes on one core (one learning rate of chapter 4's
-sweep, every variant, and one seed of its aggressive-rate comparison, with the projector monitor). It also
+Default: a subset chosen to take about 5 minutes on one core (one learning rate of chapter 4's sweep,
+every variant, and one seed of its aggressive-rate comparison, with the projector monitor; the baseline
+scorecards chapters 5 and 6 share). It also
 reads every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns
 every record (chapter 4: about 12 minutes). Exit status 1 on any difference, with a diff of what differs.
 """
@@ -31,9 +32,10 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "book" / "records"
-# Rechecked by default: chapter 4's sweep at the rate where its variants differ most, and one seed of the
-# aggressive comparison (4 runs, full evaluation and projector monitor).
-DEFAULT = ["04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0"]
+# Rechecked by default: chapter 4's sweep at the rate where its variants differ most, one seed of the
+# aggressive comparison (4 runs, full evaluation and projector monitor), and the baselines chapters 5 and
+# 6 share (vanilla, GA, GradDiff, NPO with full evaluation).
+DEFAULT = ["04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0", "baselines_tiny_forget5_seed0"]
 
 
 def describe(key: dict) -> str:
