@@ -153,6 +153,34 @@ def test_defaults_depend_on_the_model_family_and_are_recorded(vanilla, tmp_path)
     assert before == 100 and probes.score(run.model, processor)["forget exact %"] == 0  # the defaults forget
 
 
+@pytest.mark.parametrize("method", ["mmunlearner", "nullspace-cvf"])
+def test_the_new_methods_defaults_forget_something_through_the_cli(vanilla, tmp_path, capsys, method):
+    """`mlunlearn unlearn --method M --output DIR` with nothing else set is no silent no-op on the tiny model."""
+    model, processor = vanilla
+    probes = Probes.build(open_benchmark("toyworld"), 5)
+    before = probes.score(model, processor)
+    assert main(["unlearn", "--method", method, "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert recorded["defaults"]["applied"] == get_method(method).engine_defaults("tiny")
+    after = probes.score(load_model(str(tmp_path / "run"))[0], processor)
+    assert after["forget exact %"] <= before["forget exact %"] - 40  # most forget answers are gone
+    assert after["retain exact %"] >= 50  # and it is no collapse
+
+
+@pytest.mark.parametrize("method,setting,message", [
+    ("mmunlearner", "tau=0", "tau=0.0 must be > 0"),
+    ("mmunlearner", "retain_steps=-2", "retain_steps=-2 must be a whole number >= 0"),
+    ("nullspace-cvf", "threshold=2", "threshold=2.0 must be in (0, 1)"),
+    ("nullspace-cvf", "layers=vision:9", "vision:9 is out of range"),
+    ("nullspace-cvf", "params=lora", "unknown setting 'params' for nullspace-cvf; method settings: temperature"),
+])
+def test_bad_settings_of_the_geometry_methods_are_one_line_errors(tmp_path, capsys, method, setting, message):
+    code = main(["unlearn", "--method", method, "--set", setting, "--output", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
 # -- settings a run cannot use: one line, exit 2 ------------------------------------------------------------
 @pytest.mark.parametrize("setting,message", [
     ("lr=-1", "lr=-1.0: must be a positive number"),
