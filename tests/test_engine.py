@@ -61,8 +61,12 @@ def test_gradient_accumulation_matches_the_larger_batch(vanilla):
     w1 = one.model.model.multi_modal_projector.linear_2.weight
     w2 = two.model.model.multi_modal_projector.linear_2.weight
     base = vanilla[0].model.multi_modal_projector.linear_2.weight
-    assert not torch.equal(w1, base)
-    assert torch.allclose(w1, w2, atol=1e-6), (w1 - w2).abs().max()
+    step = (w1 - base).abs().max()
+    assert step > 0
+    # Equal up to float rounding, which Adam's first step (g / (|g| + eps)) amplifies on elements whose
+    # gradient is near 0: a few 1e-6 where the step is 3e-3 (an absolute 1e-6 failed on accelerate 1.16);
+    # a wrong batch composition would differ by the size of the step.
+    assert (w1 - w2).abs().max() < 1e-2 * step, ((w1 - w2).abs().max(), step)
 
 
 def test_checkpoint_and_resume_give_the_uninterrupted_result(vanilla, tmp_path):
