@@ -26,8 +26,14 @@ Choices the paper leaves open, and ours (chapter 8 says why):
   nothing (E = 0), whatever the gate says;
 - selection: attention averaged over every decoder layer and head, from the question's tokens (after the
   image, up to and including the ``ASSISTANT:`` marker; never the answer) to each visual token, computed
-  by a no-grad pass of the frozen model under eager attention; the k *lowest* (the paper's choice);
+  by a no-grad pass of the frozen model under eager attention; the k *lowest* (the paper's choice;
+  ``tokens="highest"`` is the control, the choice of an unofficial re-implementation). That pass runs
+  the vision tower in eager mode too, so its image features may differ from the main pass's in the last
+  float bits: the ranking is read from them, the transform applied to the main pass's features;
 - ``k`` is a count of visual tokens (16 per image on the tiny model, 576 on LLaVA-1.5).
+
+Image features asked for outside a model forward (``get_image_features`` called directly) have no
+question, hence no selection: they are returned untransformed.
 
 Cost: every forward with an image runs the frozen model once more, under eager attention, to select the
 tokens (``benchmarks/cagul_overhead.py`` measures it). Under ``generate`` this happens only in the first
