@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+
+import timing  # benchmarks/timing.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,20 +57,6 @@ def models_and_inputs(k: int):
     return {"bare": bare, "cagul": cagul}, batch, prompts, tokenizer.pad_token_id
 
 
-def interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict:
-    times = {k: [] for k in steps}
-    for _ in range(warmup):
-        for f in steps.values():
-            f()
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "ratio_cagul_over_bare": med["cagul"] / med["bare"], "repeats": repeats}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -94,8 +80,8 @@ def main() -> None:
         return run
 
     out = {"threads": 1, "k": args.k, "model": "tiny (16 visual tokens, 4 decoder layers)",
-           "forward, 8 image questions with answers": interleaved({k: forward(m) for k, m in models.items()}, reps),
-           "generate, 8 image questions, 20 new tokens": interleaved({k: generate(m) for k, m in models.items()},
+           "forward, 8 image questions with answers": timing.interleaved({k: forward(m) for k, m in models.items()}, reps),
+           "generate, 8 image questions, 20 new tokens": timing.interleaved({k: generate(m) for k, m in models.items()},
                                                                       max(3, reps // 4))}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+
+import timing  # benchmarks/timing.py (the script's folder is on sys.path)
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -69,18 +69,7 @@ def tiny_step_fn(additive: bool):
 
 
 def interleaved(make, repeats: int, warmup: int = 3) -> dict:
-    steps = {"additive": make(True), "sine": make(False)}
-    times = {k: [] for k in steps}
-    for _ in range(warmup):
-        for f in steps.values():
-            f()
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "ratio_sine_over_additive": med["sine"] / med["additive"], "repeats": repeats}
+    return timing.interleaved({"additive": make(True), "sine": make(False)}, repeats, warmup)
 
 
 def main() -> None:
