@@ -319,9 +319,12 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
     from mlunlearn.benchmarks import as_benchmark
 
     if isinstance(bench, UnlearningData):
-        data = dataclasses.replace(bench, forget_refusal=None, pd=None)
+        data = dataclasses.replace(bench, forget_refusal=None, pd=bench.pd if bench.pd_given else None)
     else:
-        data = as_benchmark(bench).unlearning_data(forget)
+        benchmark = as_benchmark(bench)
+        data = benchmark.unlearning_data(forget)
+        if hasattr(benchmark, "complete"):  # what only the model can give (VLGuard's forget answers)
+            data = benchmark.complete(data, model, processor)
     if method.needs_refusals:
         add_refusals(data)
     if getattr(method, "needs_knowledge", False) and data.knowledge is None:
@@ -333,7 +336,9 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
             raise MethodError(f"{method.name} needs Full_Set's text-only questions of every profile; "
                               f"{bench!r} has no MLLMU-Bench files")
         add_knowledge(data, files)
-    if method.pd > 0:
+    if method.pd <= 0:
+        data.pd = None  # a benchmark's own pairs (SafeEraser) are not trained on without the term
+    elif not (data.pd_given and data.pd is not None):
         add_prompt_decouple(data, model, processor)
     return data
 

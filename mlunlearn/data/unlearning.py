@@ -33,7 +33,8 @@ class UnlearningData:
     asked about another (retain) person's image, answered as the original model answered it (Prompt
     Decouple); filled by :func:`add_prompt_decouple`. ``knowledge``: text-only question-answer pairs of
     *every* profile, forget people included (MMUnlearner's preserve set for the language model); filled
-    by :func:`add_knowledge`.
+    by :func:`add_knowledge`. A benchmark may give ``pd`` itself (``pd_given``): SafeEraser's pairs are the
+    same question with a benign image answered by its ``sd_response``, data kept as it is.
     """
 
     forget: list
@@ -44,6 +45,7 @@ class UnlearningData:
     pd: list | None = None
     knowledge: list | None = None
     source: str | None = None  # where it came from, for run.json (e.g. "toyworld forget_10 - forget_5")
+    pd_given: bool = False  # ``pd`` is the benchmark's own data, not the model's replies
 
     def summary(self) -> str:
         return (f"{len(self.forget)} forget examples ({len(self.forget_ids)} people), "
