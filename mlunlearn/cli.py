@@ -1,6 +1,7 @@
 """The ``mlunlearn`` command line.
 
     mlunlearn eval --model tiny --data toyworld --forget 5 --output results.json
+    mlunlearn eval --model tiny-safety --data toyworld-safety --output safety.json
     mlunlearn methods
     mlunlearn unlearn --model tiny --data toyworld --forget 5 --method npo --set lr=1e-3 --output runs/npo
 
@@ -20,23 +21,38 @@ EXIT_USAGE = 2
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on MLLMU-Bench's four modes (forget, test, retain, celebrity)",
-        description="Run MLLMU-Bench's official evaluation protocol and write its result JSON.",
+        help="evaluate a model on MLLMU-Bench's four modes (forget, test, retain, celebrity) or a safety benchmark",
+        description="Run MLLMU-Bench's official evaluation protocol and write its result JSON; on a safety "
+                    "benchmark, write ASR, RR, SARR (%) and ROUGE-L precision for each of its files.",
     )
     p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
     p.add_argument("--data", default="toyworld",
-                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder> (default: toyworld)")
-    p.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget percentage (default: 5)")
+                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
+                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
+    p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
+                   help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
+                        "every harmful item of their train file")
     p.add_argument("--output", default="results.json", help="result JSON, official format (default: results.json)")
     p.add_argument("--records", default=None, help="also write every question and reply to this JSON-lines file")
     p.add_argument("--batch-size", type=_positive, default=8, help="prompts per generate() call (default: 8)")
     p.add_argument("--max-new-tokens", type=_positive, default=50, help="reply length cap in tokens (default: 50)")
     p.add_argument("--limit", type=_positive, default=None,
-                   help="keep the first N questions of each mode, task and modality (quick runs)")
+                   help="keep the first N questions of each mode, task and modality (quick runs; safety "
+                        "benchmarks: the first N items of each file)")
     p.add_argument("--few-shot", action="store_true", help="prepend the official one-shot examples")
     p.add_argument("--benign", default=None, metavar="PATH",
                    help="also measure benign-question accuracy and refusal rate; write them to PATH")
-    p.add_argument("--seed", type=_seed, default=0, help="seed for the test-view and one-shot choices (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed for the test-view and one-shot choices, and for sampled safety replies (default: 0)")
+    safety = p.add_argument_group("safety benchmarks (toyworld-safety, safeeraser:, vlguard:)")
+    safety.add_argument("--samples", type=_positive, default=None,
+                        help="replies per harmful question: 1 = greedy (default), 3 = SafeEraser's seeded sampling")
+    safety.add_argument("--judge", default=None,
+                        help="'rule' (default: the offline rule-based judge) or a Hugging Face chat model id or "
+                             "folder to judge replies with (GPU)")
+    safety.add_argument("--reference", default=None, metavar="MODEL",
+                        help="score ROUGE-L precision against this model's greedy replies (default: the "
+                             "dataset's own answers, as SafeEraser's script does)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads for torch (default: 1, the fastest for the tiny model; raise it for a "
@@ -78,8 +94,11 @@ def _add_unlearn(subparsers) -> None:
                "llava-1.5: MLLMU-Bench's published LLaVA-1.5-7B settings.")
     p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
     p.add_argument("--data", default="toyworld",
-                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder> (default: toyworld)")
-    p.add_argument("--forget", type=int, default=5, choices=(5, 10, 15), help="forget percentage (default: 5)")
+                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
+                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
+    p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
+                   help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
+                        "every harmful item of their train file")
     p.add_argument("--method", required=True, help="a registered method (see `mlunlearn methods`)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1")
@@ -133,6 +152,8 @@ def parse_settings(pairs: list) -> dict:
 
 def run_unlearn(args) -> int:
     """Unlearn, save, and print where the run went."""
+    from mlunlearn.benchmarks import get_benchmark
+    from mlunlearn.benchmarks.safety import is_safety_source
     from mlunlearn.data import open_benchmark
     from mlunlearn.engine import UnlearnConfig, check_output, split_settings, unlearn
     from mlunlearn.methods import get_method
@@ -143,10 +164,15 @@ def run_unlearn(args) -> int:
     method = get_method(args.method, **method_kw)  # bad values fail before anything loads
     config = UnlearnConfig(**{**engine_kw, "progress": not args.no_progress and engine_kw.get("progress", True)})
     check_output(args.output, args.overwrite, config.resume)  # a folder that cannot take the run fails now
+    _check_options(args)
     set_seed(config.seed, threads=args.threads)
-    bench = open_benchmark(args.data)
+    if is_safety_source(args.data):  # one forget request: every harmful item of the train file
+        bench, forget = get_benchmark(args.data), "train"
+        bench.unlearning_data(forget)  # a malformed file or a missing image fails before the model loads
+    else:
+        bench, forget = open_benchmark(args.data), 5 if args.forget is None else args.forget
     model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
-    result = unlearn(model, bench, args.forget, method, config, output=args.output, processor=processor,
+    result = unlearn(model, bench, forget, method, config, output=args.output, processor=processor,
                      overwrite=args.overwrite)
     run = result.run
     applied = ", ".join(f"{k}={v:g}" for k, v in run["defaults"]["applied"].items())
@@ -161,6 +187,7 @@ def run_eval(args) -> int:
     """Load the model, evaluate, write the JSON, print a summary table."""
     import pandas as pd
 
+    from mlunlearn.benchmarks.safety import is_safety_source
     from mlunlearn.data import open_benchmark
     from mlunlearn.eval import evaluate, evaluate_benign
     from mlunlearn.eval.protocol import build_benign_queries, build_queries, check_images
@@ -169,6 +196,10 @@ def run_eval(args) -> int:
 
     # Why first of all: an output that cannot be written must fail now, not after the whole evaluation.
     _check_outputs(args)
+    _check_options(args)
+    if is_safety_source(args.data):
+        return run_safety_eval(args)
+    args.forget = 5 if args.forget is None else args.forget
     # Why one thread by default: with two, a tiny model's step times jump from ms to seconds.
     set_seed(args.seed, threads=args.threads)
     # Why first: a bad config, column or image should fail in a second, before the model loads.
@@ -196,6 +227,68 @@ def run_eval(args) -> int:
             print(f"wrote {args.benign}")
     print(f"wrote {path}")
     return 0
+
+
+def _check_options(args) -> None:
+    """Options that do not apply to the ``--data`` given are a one-line error, not silently ignored."""
+    from mlunlearn.benchmarks.safety import is_safety_source
+    from mlunlearn.data import BenchmarkError
+
+    if is_safety_source(args.data):
+        given = [f"--{name.replace('_', '-')}" for name in ("forget", "few_shot", "benign")
+                 if getattr(args, name, None) not in (None, False)]
+        if given:
+            raise BenchmarkError(f"{' and '.join(given)} do{'es' if len(given) == 1 else ''} not apply to --data "
+                                 f"{args.data}: a safety benchmark has no forget percentages (a run forgets every "
+                                 "harmful item of its train file) and no MLLMU-Bench tasks; drop "
+                                 f"{'it' if len(given) == 1 else 'them'}")
+    else:
+        given = [f"--{name}" for name in ("samples", "judge", "reference") if getattr(args, name, None) is not None]
+        if given:
+            raise BenchmarkError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the safety "
+                                 "benchmarks only (--data toyworld-safety, safeeraser:<folder>, vlguard:<folder>); "
+                                 f"drop {'it' if len(given) == 1 else 'them'} for --data {args.data}")
+
+
+def run_safety_eval(args) -> int:
+    """``eval`` on a safety benchmark: ASR, RR, SARR (%) and ROUGE-L precision per file, as JSON."""
+    import pandas as pd
+
+    from mlunlearn.benchmarks import get_benchmark
+    from mlunlearn.eval.protocol import check_images
+    from mlunlearn.eval.safety import ModelJudge, RuleJudge, evaluate_safety
+    from mlunlearn.models import load_model
+    from mlunlearn.utils import set_seed
+
+    set_seed(args.seed, threads=args.threads)
+    bench = get_benchmark(args.data)
+    # Why first: a malformed file or an unreadable image should fail in a second, before the model loads.
+    for split in bench.files:
+        queries = bench.queries(split, limit=args.limit)
+        check_images([_ImageQuery(q) for q in queries])
+    model, processor = load_model(args.model, device=args.device)
+    reference = load_model(args.reference, device=args.device) if args.reference else None
+    judge = RuleJudge() if args.judge in (None, "rule") else ModelJudge.from_pretrained(args.judge, device=args.device or "cuda")
+    result = evaluate_safety(model, processor, bench, judge=judge, reference=reference, samples=args.samples or 1,
+                             seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    result.meta["model"] = args.model
+    path = result.save_json(args.output)
+    if args.records:
+        result.save_records(args.records)
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(f"{bench.name}, {args.data}, model {args.model}; ASR, RR, SARR in %, ROUGE-L precision as a fraction "
+              f"({result.meta['decoding']}, judge {result.meta['judge']}):")
+        print(result.summary().to_string())
+    print(f"wrote {path}")
+    return 0
+
+
+class _ImageQuery:
+    """A safety query seen as :func:`~mlunlearn.eval.protocol.check_images` expects one."""
+
+    def __init__(self, query):
+        self.images, self.source = [query.image], query.source
 
 
 def _check_outputs(args) -> None:

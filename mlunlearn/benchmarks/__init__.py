@@ -10,7 +10,8 @@ A benchmark says what a run unlearns and how it is judged:
 
 Register a new one with :func:`register_benchmark` (a class with ``name`` and ``accepts(source)``);
 :func:`get_benchmark` turns a command-line ``--data`` string into an instance. MLLMU-Bench and the tiny
-synthetic world in its exact layout are the first (:mod:`mlunlearn.benchmarks.mllmu`).
+synthetic world in its exact layout are the first (:mod:`mlunlearn.benchmarks.mllmu`); SafeEraser, VLGuard
+and the tiny safety world in SafeEraser's layout follow (:mod:`mlunlearn.benchmarks.safety`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def as_benchmark(data) -> UnlearningBenchmark:
                          "'toyworld' or the result of mlunlearn.data.open_benchmark")
 
 
+# Why safety first: its prefixes are exact, while MLLMU-Bench also takes any existing folder.
+from . import safety  # noqa: E402,F401  (registers SafeEraser, the tiny safety world and VLGuard)
 from . import mllmu  # noqa: E402,F401  (registers MLLMU-Bench)
 
 __all__ = ["BENCHMARKS", "UnlearningBenchmark", "as_benchmark", "get_benchmark", "register_benchmark"]
