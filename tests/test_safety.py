@@ -476,3 +476,18 @@ def test_vlguard_forget_answers_are_the_models_own_replies(tmp_path, vanilla):
     d = prepare_data(get_method("ga"), get_benchmark(f"vlguard:{folder}"), "train", model, processor)
     expected = generate_replies(model, processor, [e.prompt for e in d.forget], [[e.image] for e in d.forget])
     assert [e.answer for e in d.forget] == [r.strip() for r in expected] and all(e.answer for e in d.forget)
+    with pytest.raises(BenchmarkError, match="no forget percentages.*forget='train'"):
+        get_benchmark(f"vlguard:{folder}").unlearning_data(5)
+
+
+@needs_vanilla
+def test_unlearn_cli_on_vlguard(tmp_path, capsys):
+    folder, data = write_vlguard(tmp_path / "vg")
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "unlearn", "--no-progress", "--model", "tiny", "--data", f"vlguard:{folder}",
+                        "--method", "graddiff", "--set", "max_steps=1", "--output", str(out))
+    assert code == 0, err
+    run = json.loads((out / "run.json").read_text())
+    train = data["train.json"]
+    assert run["steps"] == 1 and run["examples"] == {"forget": sum(not r["safe"] for r in train),
+                                                     "retain": sum(r["safe"] for r in train)}

@@ -287,8 +287,8 @@ class SafetyBenchmark(UnlearningBenchmark):
     def check_split(self, split) -> str:
         split = "train" if split is None else split
         if split not in self.splits:
-            raise BenchmarkError(f"{self.name} has no forget split {split!r}: it forgets every harmful item of "
-                                 f"{self.files['train']} (split 'train'); it has no forget percentages")
+            raise BenchmarkError(f"{self.name} has no forget split {split!r}: it has no forget percentages and "
+                                 f"forgets every harmful item of {self.files['train']}; pass forget='train' (or None)")
         return split
 
     def items(self, split: str) -> list:
