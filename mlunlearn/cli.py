@@ -266,9 +266,9 @@ def run_safety_eval(args) -> int:
     for split in bench.files:
         queries = bench.queries(split, limit=args.limit)
         check_images([_ImageQuery(q) for q in queries])
+    judge = RuleJudge() if args.judge in (None, "rule") else ModelJudge.from_pretrained(args.judge, device=args.device)
     model, processor = load_model(args.model, device=args.device)
     reference = load_model(args.reference, device=args.device) if args.reference else None
-    judge = RuleJudge() if args.judge in (None, "rule") else ModelJudge.from_pretrained(args.judge, device=args.device or "cuda")
     result = evaluate_safety(model, processor, bench, judge=judge, reference=reference, samples=args.samples or 1,
                              seed=args.seed, limit=args.limit, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, progress=not args.no_progress)

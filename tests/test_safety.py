@@ -415,6 +415,10 @@ def test_eval_cli_bad_inputs_are_one_line_errors(tmp_path, capsys):
     _one_line_error(code, err, "all_train.json item 1", "'model_response'")
     code, _, err = _cli(capsys, "eval", "--data", f"safeeraser:{tmp_path / 'nowhere'}", "--output", out)
     _one_line_error(code, err, "no safeeraser folder")
+    folder, _ = write_safeeraser(tmp_path / "se")
+    code, _, err = _cli(capsys, "eval", "--data", f"safeeraser:{folder}", "--judge", str(tmp_path / "no-judge"),
+                        "--output", out)
+    _one_line_error(code, err, "cannot load the judge model", "--judge rule")
     code, _, err = _cli(capsys, "unlearn", "--data", f"vlguard:{tmp_path / 'nowhere'}", "--method", "po",
                         "--output", str(tmp_path / "run"))
     _one_line_error(code, err, "no vlguard folder")

@@ -170,13 +170,24 @@ class ModelJudge:
         return {"refusal": refusal, "unsafe": unsafe and not refusal, "normal": normal}
 
     @classmethod
-    def from_pretrained(cls, model_id: str, device: str = "cuda", max_new_tokens: int = 8) -> "ModelJudge":
+    def from_pretrained(cls, model_id: str, device: str | None = None, max_new_tokens: int = 8) -> "ModelJudge":
         """A judge from a Hugging Face chat model (greedy, chat template applied). Needs the model's weights
-        (network or a local folder) and, in practice, a GPU. Untested on a GPU in this project."""
+        (network or a local folder) and, in practice, a GPU (``device`` defaults to the machine's best).
+        Untested on a GPU in this project; a model that cannot be loaded is a one-line
+        :class:`~mlunlearn.models.ModelLoadError`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype="auto").to(device).eval()
+        from mlunlearn.models.loading import ModelLoadError, check_device
+        from mlunlearn.utils import default_device
+
+        device = check_device(device or default_device())
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype="auto").to(device).eval()
+        except (OSError, ValueError) as exc:  # not found, offline, gated, not a causal LM
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load the judge model {model_id!r} ({type(exc).__name__}: {first[:160]}); "
+                                 "fix: pass a Hugging Face chat model id or folder, or --judge rule") from None
 
         def generate(prompt: str) -> str:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
