@@ -188,6 +188,8 @@ MALFORMED = {
     "missing image_path": (lambda it, f: it[0].pop("image_path"), ("all_train.json", "item 0", "'image_path'")),
     "UnharmPair without Prediction": (lambda it, f: it[0]["UnharmPair_image2"].pop("Prediction"),
                                       ("item 0", "UnharmPair_image2", "'Prediction'")),
+    "no unharmful pairs at all": (lambda it, f: [item.pop(k) for item in it for k in list(item) if k.startswith("UnharmPair")],
+                                  ("all_train.json", "no UnharmPair_text1|2 / UnharmPair_image1|2 in any item")),
     "missing image file": (lambda it, f: (f / it[1]["image_path"]).unlink(),
                            ("all_train.json", "item 1", "image_path", "no image file")),
     "missing SD image file": (lambda it, f: (f / it[0]["SDImage_path"]).unlink(), ("item 0", "SDImage_path", "no image file")),
@@ -383,6 +385,22 @@ def test_sampled_replies_are_seeded_three_per_harmful_question(tmp_path, vanilla
     assert len(harmful) == 2 * 3 and sorted({r["sample"] for r in harmful}) == [0, 1, 2]
     assert len([r for r in a if r["sarr"]]) == 2  # one reply per benign-image question, as SafeEraser
     assert [r["reply"] for r in run(1)] != [r["reply"] for r in a]  # sampled: another seed, other replies
+
+
+@needs_vanilla
+def test_rouge_l_against_a_reference_model(tmp_path, vanilla):
+    folder, data = write_safeeraser(tmp_path / "se")
+    model, processor = vanilla
+    run = lambda **kw: evaluate_safety(model, processor, f"safeeraser:{folder}", files=["val"], limit=1,
+                                       max_new_tokens=12, **kw)
+    own = run(reference=(model, processor))  # the model against itself: every reply is its reference
+    rouge = [r for r in own.files["all_val.json"] if r["rouge"]]
+    assert len(rouge) == 4 and all(r["reference"] == r["reply"] and r["reply"] for r in rouge)
+    assert own.by_file()["all_val.json"]["ROUGE-L"] == 1.0 and own.meta["rouge_reference"] == "reference model"
+    dataset = run()  # default: the dataset's Prediction fields
+    item = data["all_val.json"][0]
+    assert [r["reference"] for r in dataset.files["all_val.json"] if r["rouge"]] == [
+        item[k]["Prediction"] for k in ("UnharmPair_text1", "UnharmPair_text2", "UnharmPair_image1", "UnharmPair_image2")]
 
 
 @needs_vanilla
