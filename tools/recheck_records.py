@@ -7,9 +7,9 @@ and the value the code returned for it; chapters load records instead of rerunni
 This tool reruns records from their keys alone, in a fresh process, and compares every stored value with
 the recomputed one exactly (no tolerance: the chapters run on one CPU thread, bit-reproducibly).
 
-Default: a subset chosen to take about 5 minutes on one core (one learning rate of chapter 4's sweep,
-every variant, and one seed of its aggressive-rate comparison, with the projector monitor; the baseline
-scorecards chapters 5 and 6 share). It also
+Default: a subset chosen to take about 7 minutes on one core (chapter 2's grid; one learning rate of
+chapter 4's sweep, every variant, and one seed of its aggressive-rate comparison, with the projector
+monitor; the baseline scorecards chapters 5 and 6 share). It also
 reads every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns
 every record (chapter 4: about 12 minutes). Exit status 1 on any difference, with a diff of what differs.
 """
@@ -32,10 +32,12 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "book" / "records"
-# Rechecked by default: chapter 4's sweep at the rate where its variants differ most, one seed of the
-# aggressive comparison (4 runs, full evaluation and projector monitor), and the baselines chapters 5 and
-# 6 share (vanilla, GA, GradDiff, NPO with full evaluation).
-DEFAULT = ["04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0", "baselines_tiny_forget5_seed0"]
+# Rechecked by default: chapter 2's learning-rate grid (18 short runs, probes only), chapter 4's sweep at
+# the rate where its variants differ most, one seed of its aggressive comparison (4 runs, full evaluation
+# and projector monitor), and the baselines chapters 5 and 6 share (vanilla, GA, GradDiff, NPO, full
+# evaluation).
+DEFAULT = ["02_tiny_sweep", "04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0",
+           "baselines_tiny_forget5_seed0"]
 
 
 def describe(key: dict) -> str:
