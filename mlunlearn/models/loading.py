@@ -20,6 +20,7 @@ from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGenerati
 from mlunlearn.utils import default_device, default_dtype
 
 TINY = "tiny"
+TINY_SAFETY = "tiny-safety"  # the tiny model that complies with the safety world (models/safety.py)
 
 
 class ModelLoadError(ValueError):
@@ -130,8 +131,9 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
                quantization: str | None = None, attn_implementation: str | None = None):
     """Load ``(model, processor)`` in eval mode.
 
-    ``name``: ``"tiny"`` (the vanilla tiny model shipped with the package), a local folder, or a Hugging
-    Face id. ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`).
+    ``name``: ``"tiny"`` (the vanilla tiny model shipped with the package), ``"tiny-safety"`` (the tiny
+    model that complies with the safety world's harmful requests), a local folder, or a Hugging Face id.
+    ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`).
     ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards).
     ``attn_implementation="eager"`` is needed to read attention maps.
     """
@@ -145,6 +147,13 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
             raise ModelLoadError(f"the tiny vanilla weights are missing from {ASSET_DIR}; reinstall the package "
                                  "or rebuild them with mlunlearn.models.load_vanilla(train_if_missing=True)")
         source, local = str(ASSET_DIR), ASSET_DIR
+    elif name == TINY_SAFETY:
+        from .safety import ASSET_DIR as SAFETY_DIR
+
+        if not (SAFETY_DIR / "model.safetensors").is_file():
+            raise ModelLoadError(f"the tiny-safety weights are missing from {SAFETY_DIR}; reinstall the package or "
+                                 "rebuild them with mlunlearn.models.train_safety_vanilla(out_dir=SAFETY_DIR)")
+        source, local = str(SAFETY_DIR), SAFETY_DIR
     else:
         path = Path(name).expanduser()
         looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
