@@ -171,6 +171,13 @@ class _EvalMode:
 # The four attributions
 # ----------------------------------------------------------------------------------------------------
 
+def _pixels_first(model):
+    """``answer_logprob`` of ``model`` with the pixels as the first (attributed) argument, as captum wants."""
+    def forward(pixel_values, input_ids, attention_mask, labels):
+        return answer_logprob(model, input_ids, attention_mask, labels, pixel_values)
+    return forward
+
+
 def pixel_attribution(model, processor, examples, baseline="mean", n_steps: int = 256,
                       internal_batch_size: int = 64) -> Attribution:
     """Integrated gradients (Sundararajan et al., 2017) of the answers' log-probabilities on the input pixels.
@@ -188,8 +195,7 @@ def pixel_attribution(model, processor, examples, baseline="mean", n_steps: int 
     pixels = batch["pixel_values"]
     base = pixel_baseline(pixels, baseline, processor)
 
-    def forward(pixel_values, input_ids, attention_mask, labels):
-        return answer_logprob(model, input_ids, attention_mask, labels, pixel_values)
+    forward = _pixels_first(model)
 
     with _EvalMode(model):
         values, delta = IntegratedGradients(forward).attribute(
@@ -215,8 +221,7 @@ def patch_ablation(model, processor, examples, baseline="mean", perturbations_pe
     grid, patch = patch_grid_size(model), _llava_patch_size(model)
     mask = patch_feature_mask(grid, patch, pixels.shape[1]).to(pixels.device)
 
-    def forward(pixel_values, input_ids, attention_mask, labels):
-        return answer_logprob(model, input_ids, attention_mask, labels, pixel_values)
+    forward = _pixels_first(model)
 
     with _EvalMode(model), torch.no_grad():
         values = FeatureAblation(forward).attribute(
@@ -244,8 +249,7 @@ def visual_token_attribution(model, processor, examples, baseline="mean", n_step
     pixels = batch["pixel_values"]
     base = pixel_baseline(pixels, baseline, processor)
 
-    def forward(pixel_values, input_ids, attention_mask, labels):
-        return answer_logprob(model, input_ids, attention_mask, labels, pixel_values)
+    forward = _pixels_first(model)
 
     with _EvalMode(model):
         lig = LayerIntegratedGradients(forward, get_projector(model))
