@@ -332,7 +332,7 @@ def prepare_data(method: Method, bench, forget: int, model, processor) -> Unlear
             raise MethodError(f"{method.name} needs the text-only questions of every profile: fill the "
                               "UnlearningData's knowledge with mlunlearn.data.unlearning.add_knowledge(data, bench)")
         files = getattr(as_benchmark(bench), "files", None)  # MLLMU-Bench's layout: Full_Set
-        if files is None:
+        if not hasattr(files, "load"):  # e.g. SafeEraser, whose `files` names JSON files
             raise MethodError(f"{method.name} needs Full_Set's text-only questions of every profile; "
                               f"{bench!r} has no MLLMU-Bench files")
         add_knowledge(data, files)

@@ -245,3 +245,11 @@ def test_a_resumed_phased_run_gives_the_uninterrupted_bytes_and_an_unmerged_run_
     assert a.keys() == c.keys() and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert not torch.equal(c["model.multi_modal_projector.linear_2.weight"],
                            model.model.multi_modal_projector.linear_2.weight)
+
+
+def test_a_benchmark_without_profiles_is_a_one_line_error(vanilla):
+    """MMUnlearner's language preserve set is MLLMU-Bench's text-only profile questions; the safety world has none."""
+    model, processor = vanilla
+    with pytest.raises(MethodError, match="needs Full_Set's text-only questions of every profile") as err:
+        prepare_data(get_method("mmunlearner"), "toyworld-safety", "train", model, processor)
+    assert "\n" not in str(err.value)
