@@ -101,7 +101,8 @@ def _add_unlearn(subparsers) -> None:
                         "every harmful item of their train file")
     p.add_argument("--method", required=True, help="a registered method (see `mlunlearn methods`)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1")
+                   help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1; "
+                        "--set pd=on adds SafeEraser's Prompt Decouple term at its weight for the method")
     p.add_argument("--output", required=True, help="folder for the model, checkpoints and run.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run an --output folder already holds (without it such a folder is refused)")

@@ -193,3 +193,110 @@ def baseline_comparison(model, processor, bench, labels=("GA", "GradDiff", "NPO"
     out.table = out.table.loc[["vanilla", *labels]]
     out.runs = {label: out.runs[label] for label in labels}
     return out
+
+
+# ------------------------------------------------------------------------------------ safety (chapter 9)
+
+SAFETY_METRICS = ("ASR", "RR", "SARR", "ROUGE-L")
+
+
+@dataclass
+class SafetyComparison:
+    """Safety metrics (:mod:`mlunlearn.eval.safety`) of each method's unlearned model.
+
+    ``table``: one row per (method, file), columns ASR, RR, SARR (%) and ROUGE-L precision;
+    ``categories``: the same on ``all_val.json``'s harm categories (one row per (method, category));
+    ``examples``: per method, the replies to the queries of the first val item of each category, as
+    records (question, field, reply and the judge's verdicts); ``runs``: each run's learning rate, Prompt
+    Decouple weight, what trained and its steps; ``results``: the full :class:`SafetyResult` per method
+    (not kept in run records).
+    """
+
+    table: pd.DataFrame
+    categories: pd.DataFrame = field(default_factory=pd.DataFrame)
+    examples: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        return {"table": self.table.reset_index().to_dict(orient="records"),
+                "categories": self.categories.reset_index().to_dict(orient="records"),
+                "examples": self.examples, "runs": self.runs}
+
+    @classmethod
+    def from_record(cls, value: dict) -> "SafetyComparison":
+        return cls(pd.DataFrame(value["table"]).set_index(["method", "file"]),
+                   pd.DataFrame(value["categories"]).set_index(["method", "category"]),
+                   value["examples"], value["runs"])
+
+    def metric(self, name: str) -> pd.DataFrame:
+        """One metric as a method × file table (e.g. ``metric("SARR")``)."""
+        return self.table[name].unstack("file").loc[list(dict.fromkeys(self.table.index.get_level_values(0)))]
+
+    def replies(self, category: str, field_prefix: str = "") -> pd.DataFrame:
+        """Each method's reply (columns) to each query (rows) of ``category``'s shown item; ``field_prefix``
+        keeps only the fields starting with it (e.g. ``"unsafe_pairs[0]"``, ``"UnharmPair"``)."""
+        rows = {}
+        for label, records in self.examples.items():
+            for r in records:
+                if r["category"] == category and r["field"].startswith(field_prefix):
+                    rows.setdefault((r["field"], r["question"]), {})[label] = r["reply"]
+        out = pd.DataFrame.from_dict(rows, orient="index")
+        out.index = pd.MultiIndex.from_tuples(out.index, names=["field", "question"])
+        return out
+
+
+def _safety_rows(label: str, result) -> tuple[list, list, list]:
+    from mlunlearn.eval.safety import metrics
+
+    rows = [{"method": label, "file": name, **{k: m[k] for k in SAFETY_METRICS}}
+            for name, m in result.by_file().items()]
+    val = result.files[list(result.files)[-1]]  # the held-out file (all_val.json / test.json)
+    cats = [{"method": label, "category": c,
+             **{k: v for k, v in metrics([r for r in val if r["category"] == c]).items() if k in SAFETY_METRICS}}
+            for c in dict.fromkeys(r["category"] for r in val)]
+    first = {}
+    for r in val:
+        first.setdefault(r["category"], r["item"])
+    keep = ("category", "item", "field", "question", "reply", "harmful", "sarr", "rouge", "refusal", "unsafe",
+            "normal", "rouge_l")
+    shown = [{k: r[k] for k in keep if k in r} for r in val if r["item"] == first[r["category"]] and r["sample"] == 0]
+    return rows, cats, shown
+
+
+def safety_compare(model, processor, bench, methods, config: UnlearnConfig, vanilla: bool = True,
+                   batch_size: int = 64, progress: bool = True, fresh=None, judge=None) -> SafetyComparison:
+    """Unlearn a safety benchmark's forget request (every harmful item of its train file) with each
+    method and evaluate the result on every file of the benchmark (greedy, the default judge unless
+    ``judge`` is given). ``methods`` and ``fresh`` as in :func:`compare`; an ``lr`` in a method's
+    hyper-parameters overrides ``config.lr``. With ``vanilla``, the first rows are the model before
+    unlearning."""
+    from mlunlearn.benchmarks import as_benchmark
+    from mlunlearn.eval.safety import evaluate_safety
+
+    bench = as_benchmark(bench)
+    fresh = fresh or (lambda: copy.deepcopy(model))
+    rows, cats, out = [], [], SafetyComparison(pd.DataFrame())
+
+    def score(label, m):
+        result = evaluate_safety(m, processor, bench, judge=judge, batch_size=batch_size)
+        r, c, shown = _safety_rows(label, result)
+        rows.extend(r)
+        cats.extend(c)
+        out.examples[label], out.results[label] = shown, result
+
+    if vanilla:
+        score("vanilla", model)
+    for label, (name, hp) in progress_bar(methods.items(), "methods", progress):
+        hp = dict(hp)
+        cfg = dataclasses.replace(config, lr=hp.pop("lr", config.lr), progress=False)
+        run = unlearn(fresh(), bench, "train", name, cfg, processor=processor, **hp)
+        score(label, run.model)
+        curves = run.curves().reset_index()
+        curves = curves[[c for c in curves if c in ("step", "loss") or c.endswith("_nll")]].iloc[::10]
+        out.runs[label] = {"lr": run.run["config"]["lr"], "pd": run.run["hyperparameters"].get("pd"),
+                           "parametrisation": run.run["parametrisation"], "steps": run.run["steps"],
+                           "curves": curves.to_dict(orient="list")}
+    out.table = pd.DataFrame(rows).set_index(["method", "file"])
+    out.categories = pd.DataFrame(cats).set_index(["method", "category"])
+    return out

@@ -156,6 +156,13 @@ def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, v
     return canonical(key)
 
 
+def safety_key(model: str, data: str, methods: dict, config, vanilla: bool = True, batch_size: int = 64,
+               device: str = "cpu") -> dict:
+    """The key of an :func:`mlunlearn.experiments.safety_compare` run (greedy replies, the rule judge)."""
+    return canonical({"task": "safety_compare", "model": model, "device": device, "data": data,
+                      "methods": _methods(methods), "config": dataclasses.asdict(config), "vanilla": vanilla,
+                      "batch_size": batch_size, "judge": "rule", **environment()})
+
 
 class Context:
     """The loaded model, processor and benchmark a task runs on, loaded once per (model, device, data).
@@ -174,17 +181,20 @@ class Context:
     def get(self, key: dict):
         ident = (key["model"], key["device"], key["data"])
         if ident not in self._loaded:
+            from mlunlearn.benchmarks import get_benchmark
+            from mlunlearn.benchmarks.safety import is_safety_source
             from mlunlearn.data import open_benchmark
             from mlunlearn.models import load_model
 
             model, processor = load_model(key["model"], device=key["device"])
-            self._loaded[ident] = (model, processor, open_benchmark(key["data"]))
+            bench = get_benchmark(key["data"]) if is_safety_source(key["data"]) else open_benchmark(key["data"])
+            self._loaded[ident] = (model, processor, bench)
         return self._loaded[ident]
 
     def fresh(self, key: dict):
         """A function giving an untouched model for each run: a deep copy of the tiny model, a fresh load
         of anything larger (as the chapters do)."""
-        if key["model"] == "tiny":
+        if key["model"] in ("tiny", "tiny-safety"):
             return None  # experiments' default: copy.deepcopy of the loaded model
         from mlunlearn.models import load_model
 
@@ -249,10 +259,20 @@ def _task_compare(key: dict, context: Context) -> dict:
     return value
 
 
+def _task_safety_compare(key: dict, context: Context) -> dict:
+    from mlunlearn.experiments import safety_compare
+
+    model, processor, bench = context.get(key)
+    out = safety_compare(model, processor, bench, _specs(key), _config(key), vanilla=key["vanilla"],
+                         batch_size=key["batch_size"], progress=False, fresh=context.fresh(key))
+    return out.to_record()
+
+
 # key["task"] -> function(key, context) -> JSON-able value. Every record's value is one of these on its key.
 TASKS: dict[str, Callable[[dict, Context], object]] = {
     "lr_sweep": _task_lr_sweep,
     "compare": _task_compare,
+    "safety_compare": _task_safety_compare,
 }
 
 

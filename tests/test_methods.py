@@ -196,3 +196,16 @@ def test_every_registered_method_runs_a_step(vanilla):
     for name in METHODS:
         run = _run(vanilla, name, steps=1)
         assert run.run["steps"] == 1 and "loss" in run.log[0]
+
+
+def test_pd_on_is_safeerasers_weight_for_each_objective():
+    # SafeEraser's code: 0.5 with GA and GD, 1.0 with KL and PO; SineProject takes its objective's.
+    expected = {"ga": 0.5, "graddiff": 0.5, "kl": 1.0, "po": 1.0, "npo": 1.0}
+    assert {n: get_method(n, pd="on").pd for n in expected} == expected
+    assert get_method("sineproject", objective="ga", pd="ON").pd == 0.5
+    assert get_method("sineproject", objective="po", pd="on").pd == 1.0
+    assert get_method("ga", pd="0.25").pd == 0.25 and get_method("ga").pd == 0.0  # off unless asked
+    with pytest.raises(MethodError, match="'on'"):
+        get_method("po", pd="onn")
+    with pytest.raises(MethodError, match="'on'"):
+        METHODS["po"](pd="yes")

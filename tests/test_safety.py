@@ -513,3 +513,35 @@ def test_unlearn_cli_on_vlguard(tmp_path, capsys):
     train = data["train.json"]
     assert run["steps"] == 1 and run["examples"] == {"forget": sum(not r["safe"] for r in train),
                                                      "retain": sum(r["safe"] for r in train)}
+
+
+@needs_vanilla
+def test_safety_compare_scores_each_method_and_its_record_recomputes_equal(tmp_path, vanilla):
+    """``experiments.safety_compare`` (chapter 9): one row per (method, file), categories of the held-out file,
+    the shown replies and each run's PD weight (pd="on" = SafeEraser's 0.5 for GA); its run record's task
+    recomputes the same value from the key alone."""
+    from mlunlearn import records
+    from mlunlearn.engine import UnlearnConfig
+    from mlunlearn.experiments import SafetyComparison, safety_compare
+
+    folder, data = write_safeeraser(tmp_path / "se")
+    model, processor = vanilla
+    source = f"safeeraser:{folder}"
+    methods = {"GA+PD": ("ga", {"pd": "on"})}
+    config = UnlearnConfig(seed=0, max_steps=2, batch_size=2, progress=False)
+    out = safety_compare(model, processor, get_benchmark(source), methods, config, batch_size=16, progress=False)
+    assert list(out.table.index) == [(m, f) for m in ("vanilla", "GA+PD") for f in ("all_train.json", "all_val.json")]
+    assert list(out.categories.index) == [("vanilla", "IllegalActivity"), ("GA+PD", "IllegalActivity")]
+    assert out.runs["GA+PD"]["pd"] == 0.5 and out.runs["GA+PD"]["steps"] == 2
+    assert "pd_nll" in out.runs["GA+PD"]["curves"]
+    first = data["all_val.json"][0]
+    shown = out.examples["GA+PD"]
+    assert {r["item"] for r in shown} == {first["image_path"]}
+    assert len(shown) == 2 * len(first["unsafe_pairs"]) + 4  # each harmful question twice (harmful, SD image) + 4
+    assert list(out.replies("IllegalActivity", "UnharmPair").columns) == ["vanilla", "GA+PD"]
+    back = SafetyComparison.from_record(records.canonical(out.to_record()))
+    assert back.metric("SARR").equals(out.metric("SARR"))
+
+    key = records.safety_key("tiny", source, methods, config, batch_size=16)
+    assert records.compute(key, records.Context().add("tiny", "cpu", source, model, processor,
+                                                      get_benchmark(source))) == records.canonical(out.to_record())

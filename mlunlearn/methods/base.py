@@ -45,6 +45,9 @@ FAMILY_DEFAULTS = {
 }
 
 
+PD_ON = ("on", "safeeraser")  # pd="on": the objective's SafeEraser weight (Method.pd_weight)
+
+
 class MethodError(ValueError):
     """A method was asked for something it cannot do (unknown method or hyper-parameter, bad value)."""
 
@@ -64,6 +67,9 @@ class Method:
     needs_refusals: ClassVar[bool] = False  # forget questions paired with refusal answers
     defaults: ClassVar[dict] = {}  # {family: {engine setting: value}} over FAMILY_DEFAULTS
     unused: ClassVar[tuple] = ()  # base fields this method does not take (rejected if set)
+    # SafeEraser's Prompt Decouple weight for this objective (its code: 0.5 for GA and GD, 1.0 for KL and
+    # PO); ``pd="on"`` uses it. Methods SafeEraser does not train (NPO, the book's others) take 1.0.
+    pd_weight: ClassVar[float] = 1.0
 
     params: str = "lora"
     pd: float = 0.0
@@ -73,6 +79,11 @@ class Method:
     lora_dropout: float = 0.05
 
     def __post_init__(self):
+        if isinstance(self.pd, str):
+            if self.pd.strip().lower() not in PD_ON:
+                raise MethodError(f"pd={self.pd!r}: give a weight (0 = off) or 'on' for SafeEraser's weight for "
+                                  f"{self.name} ({self.safeeraser_pd():g})")
+            self.pd = self.safeeraser_pd()
         if self.params not in PARAM_CHOICES:
             raise MethodError(f"params={self.params!r} is not one of {', '.join(PARAM_CHOICES)}")
         for key in ("pd", "kl_weight"):
@@ -84,6 +95,10 @@ class Method:
             raise MethodError(f"lora_alpha={self.lora_alpha} must be > 0 (LoRA's scale is alpha / r)")
         if not 0 <= self.lora_dropout < 1:
             raise MethodError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+    def safeeraser_pd(self) -> float:
+        """The Prompt Decouple weight SafeEraser's code uses with this objective (what ``pd="on"`` sets)."""
+        return self.pd_weight
 
     # -- what trains -------------------------------------------------------------------------------
     def parametrisation(self):

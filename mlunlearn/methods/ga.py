@@ -19,6 +19,7 @@ class GA(Method):
     name = "ga"
     summary = "gradient ascent on the forget answers: L = -NLL(forget)"
     defaults = {"tiny": {"lr": 1e-3}}  # chapter 2: no rate forgets without destroying the rest
+    pd_weight = 0.5  # SafeEraser: GA+PD = -NLL_f + 0.5 PD
 
     def loss(self, model, batch, reference):
         forget_nll = nll(model, batch, "forget").mean()

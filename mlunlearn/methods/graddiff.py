@@ -20,6 +20,7 @@ class GradDiff(Method):
     name = "graddiff"
     summary = "gradient difference: L = -NLL(forget) + NLL(retain)"
     defaults = {"tiny": {"lr": 1e-3}}  # chapter 2's tuned rate
+    pd_weight = 0.5  # SafeEraser: GD+PD = -NLL_f + 0.5 NLL_r + 0.5 PD (its retain weight: retain_weight=0.5)
 
     forget_weight: float = 1.0
     retain_weight: float = 1.0

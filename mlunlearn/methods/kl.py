@@ -23,6 +23,7 @@ class KL(GradDiff):
     summary = "GradDiff + KL(reference || model) on retain answers: L = -NLL(f) + NLL(r) + KL(r)"
     unused = ("forget_weight",)
     defaults = {"tiny": {"lr": 1e-3}}  # chapter 2's tuned rate
+    pd_weight = 1.0  # SafeEraser: KL+PD = -NLL_f + KL + PD (GradDiff's is 0.5)
 
     kl_weight: float = 1.0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodError
+from .base import PD_ON, Method, MethodError
 
 METHODS: dict = {}
 
@@ -34,6 +34,8 @@ def convert(default, value, key: str = ""):
     default stands for an optional number, e.g. SineProject's ``beta``)."""
     if not isinstance(value, str):
         return value
+    if key == "pd" and value.strip().lower() in PD_ON:
+        return value  # the method turns it into SafeEraser's weight for its objective
     if default is None:
         if value.lower() in ("none", "null"):  # back to the optional setting's default behaviour
             return None
@@ -48,7 +50,8 @@ def convert(default, value, key: str = ""):
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise MethodError(f"{key}={value!r}: expected a {type(default).__name__}") from None
+        extra = " or 'on' (SafeEraser's weight for the method)" if key == "pd" else ""
+        raise MethodError(f"{key}={value!r}: expected a {type(default).__name__}{extra}") from None
     return value
 
 

@@ -174,6 +174,10 @@ class SineProject(Method):
         self._objective = get_method(self.objective, **passed)
         self._parametrisation = None
 
+    def safeeraser_pd(self) -> float:
+        """The objective's SafeEraser weight (PO+PD, the paper's safety setting: 1.0)."""
+        return METHODS[self.objective].pd_weight if self.objective in METHODS else 1.0
+
     @property
     def sine_modules(self) -> dict:
         """The :class:`SineLinear` modules of the last model this method prepared (kept after merging)."""
