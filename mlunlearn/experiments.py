@@ -229,6 +229,12 @@ class SafetyComparison:
                    pd.DataFrame(value["categories"]).set_index(["method", "category"]),
                    value["examples"], value["runs"])
 
+    def __add__(self, other: "SafetyComparison") -> "SafetyComparison":
+        """The rows of both, this one's first (e.g. two run records of one chapter)."""
+        return SafetyComparison(pd.concat([self.table, other.table]), pd.concat([self.categories, other.categories]),
+                                {**self.examples, **other.examples}, {**self.runs, **other.runs},
+                                {**self.results, **other.results})
+
     def metric(self, name: str) -> pd.DataFrame:
         """One metric as a method × file table (e.g. ``metric("SARR")``)."""
         return self.table[name].unstack("file").loc[list(dict.fromkeys(self.table.index.get_level_values(0)))]
