@@ -85,26 +85,96 @@ class Comparison:
     benign: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)  # method -> greedy replies to the ``show`` examples
     monitors: dict = field(default_factory=dict)  # method -> the callbacks ``monitor`` made for its run
+    # (mode, task, modality) -> the columns :meth:`replies` gives, kept by a record made with ``detail``
+    stored_replies: dict = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, value: dict) -> "Comparison":
         """The table of a ``compare`` run record (:mod:`mlunlearn.records`) and, if stored, each run's
-        learning rate, parametrisation and steps, laid out as in a run's ``run.json`` (``config.lr``);
-        logs, replies and monitors are not kept in records."""
+        learning rate, parametrisation and steps, laid out as in a run's ``run.json`` (``config.lr``).
+
+        A record made with ``detail`` (:meth:`detail`) also gives each run's per-step log (``.logs``, as
+        :meth:`mlunlearn.engine.UnlearnRun.curves`), the replies to the ``show`` examples (``.samples``),
+        the first replies of :meth:`replies` for the stored (mode, task, modality) and, in ``.benign``, one
+        light record per benign question (``.group``, ``.in_forget``, ``.reply`` (cut to the record's
+        ``reply_chars``) and ``.scores["refusal_rate"]``, 0.0 or 1.0). Monitors and the full evaluation
+        records are not kept in records."""
         runs = {label: {"config": {"lr": run["lr"]}, "parametrisation": run["parametrisation"],
                         "steps": run["steps"]} for label, run in value.get("runs", {}).items()}
-        return cls(pd.DataFrame(value["table"]).set_index("method"), runs=runs)
+        out = cls(pd.DataFrame(value["table"]).set_index("method"), runs=runs)
+        detail = value.get("detail")
+        if detail:
+            out.logs = {label: pd.DataFrame(columns).set_index("step")
+                        for label, columns in detail["logs"].items()}
+            out.samples = {label: list(replies) for label, replies in detail["samples"].items()}
+            out.stored_replies = {(e["mode"], e["task"], e["modality"]): e["columns"]
+                                  for e in detail["replies"]}
+            out.benign = {label: _stored_benign(detail["benign"]["questions"], stored)
+                          for label, stored in detail["benign"]["methods"].items()}
+        return out
+
+    def detail(self, mode: str = "forget", tasks=("generation", "classification"),
+               modality: str = "Image_Textual", n: int = 5, reply_chars: int = 120) -> dict:
+        """What a ``detail`` compare record keeps beyond the table, as JSON (:meth:`from_record` reads it):
+
+        - ``logs``: each run's per-step log, one list per column (``step`` first);
+        - ``samples``: each method's replies to the ``show`` examples;
+        - ``replies``: for each of ``tasks``, the first ``n`` questions of (``mode``, task, ``modality``)
+          as :meth:`replies` gives them;
+        - ``benign``: ``questions``, the benign questions' (group, in forget) in order, run-length coded
+          (``[group, in_forget, count]``; the same for every method), and per method its distinct
+          ``replies`` (most frequent first; a reply longer than ``reply_chars`` is kept as its first
+          ``reply_chars - 1`` characters and "…"), ``reply``: each question's reply as an index into them,
+          space-separated, and ``refused``: the positions of the questions whose reply was a refusal.
+        """
+        import itertools
+        from collections import Counter
+
+        logs = {label: {"step": [int(s) for s in log.index], **{c: log[c].tolist() for c in log.columns}}
+                for label, log in self.logs.items()}
+        replies = [{"mode": mode, "task": task, "modality": modality,
+                    "columns": self.replies(mode, task, modality, n=n).to_dict(orient="list")}
+                   for task in tasks]
+        layout = None
+        methods = {}
+        for label, result in self.benign.items():
+            questions = [(r.group, r.in_forget) for r in result.records]
+            if layout is None:
+                layout = questions
+            elif questions != layout:
+                raise ValueError(f"{label} was asked other benign questions than {next(iter(self.benign))}")
+            said = [r.reply if len(r.reply) <= reply_chars else r.reply[: reply_chars - 1] + "…"
+                    for r in result.records]
+            distinct = [reply for reply, _ in Counter(said).most_common()]
+            index = {reply: i for i, reply in enumerate(distinct)}
+            methods[label] = {"replies": distinct, "reply": " ".join(str(index[reply]) for reply in said),
+                              "refused": [i for i, r in enumerate(result.records)
+                                          if r.scores["refusal_rate"]]}
+        runs = [[group, in_forget, len(list(items))]
+                for (group, in_forget), items in itertools.groupby(layout or [])]
+        return {"logs": logs, "samples": {label: list(s) for label, s in self.samples.items()},
+                "replies": replies,
+                "benign": {"reply_chars": reply_chars, "questions": runs, "methods": methods}}
 
     def __add__(self, other: "Comparison") -> "Comparison":
         """The rows of both, this one's first (e.g. baselines from a record, then the runs of a chapter)."""
         merged = Comparison(pd.concat([self.table, other.table]))
-        for name in ("logs", "runs", "results", "benign", "samples", "monitors"):
+        for name in ("logs", "runs", "results", "benign", "samples", "monitors", "stored_replies"):
             setattr(merged, name, {**getattr(self, name), **getattr(other, name)})
         return merged
 
     def replies(self, mode: str = "forget", task: str = "generation", modality: str = "Image_Textual",
                 n: int = 3) -> pd.DataFrame:
-        """The first ``n`` questions of one (mode, task, modality) and each method's reply to them."""
+        """The first ``n`` questions of one (mode, task, modality) and each method's reply to them (from
+        the evaluation records or, for a comparison loaded from a ``detail`` record, its stored ones)."""
+        if not self.results and self.stored_replies:
+            columns = self.stored_replies.get((mode, task, modality))
+            if columns is None:
+                raise ValueError(f"the record keeps no replies for {(mode, task, modality)}; it keeps "
+                                 f"{', '.join(map(str, self.stored_replies))}")
+            if n > len(columns["question"]):
+                raise ValueError(f"the record keeps the first {len(columns['question'])} questions, not {n}")
+            return pd.DataFrame({name: values[:n] for name, values in columns.items()})
         first = [r for r in next(iter(self.results.values())).records if (r.mode, r.task, r.modality) == (mode, task, modality)]
         keys = [(r.id, r.question) for r in first][:n]
         table = {"question": [q for _, q in keys],
@@ -113,6 +183,22 @@ class Comparison:
             by_key = {(r.id, r.question): r.reply for r in result.records if (r.mode, r.task, r.modality) == (mode, task, modality)}
             table[label] = [by_key.get(k, "") for k in keys]
         return pd.DataFrame(table)
+
+
+def _stored_benign(questions: list, stored: dict):
+    """One method's benign results as :meth:`Comparison.detail` stores them, as light objects with
+    ``.records``, each with ``.group``, ``.in_forget``, ``.reply`` and ``.scores["refusal_rate"]``."""
+    from types import SimpleNamespace
+
+    layout = [(group, in_forget) for group, in_forget, count in questions for _ in range(count)]
+    said = [stored["replies"][int(i)] for i in stored["reply"].split()]
+    if len(said) != len(layout):
+        raise ValueError(f"a stored benign result has {len(said)} replies for {len(layout)} questions")
+    refused = set(stored["refused"])
+    return SimpleNamespace(records=[
+        SimpleNamespace(group=group, in_forget=in_forget, reply=reply,
+                        scores={"refusal_rate": float(i in refused)})
+        for i, ((group, in_forget), reply) in enumerate(zip(layout, said))])
 
 
 def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int = 5, vanilla: bool = True,

@@ -144,16 +144,34 @@ def monitor_spec(every: int = 10, images: int = 8, max_tokens: int | None = None
 
 def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, vanilla: bool = True,
                 batch_size: int = 64, monitor: dict | None = None, device: str = "cpu",
-                runs: bool = False) -> dict:
+                runs: bool = False, detail: bool = False, show: int = 3, replies: int = 5,
+                reply_chars: int = 120) -> dict:
     """The key of an :func:`mlunlearn.experiments.compare` run; ``monitor``: :func:`monitor_spec`;
     ``runs``: also store each run's learning rate, what trained and its steps (only then is it part of
-    the key, so records made without it keep their keys)."""
+    the key, so records made without it keep their keys).
+
+    ``detail`` (also only then part of the key): also store what chapter 2 reads beyond the table, in
+    compact form (:meth:`mlunlearn.experiments.Comparison.detail`): each run's per-step loss log, the
+    greedy replies to the first ``show`` examples of the unlearning data's forget set
+    (``unlearning_data(bench, forget).forget[:show]``, the ``show=`` of :func:`compare`), the first
+    ``replies`` forget questions with the image of each task of :data:`DETAIL_TASKS` with every method's
+    reply, and one entry per benign question (group, in forget, refused, reply, a reply longer than
+    ``reply_chars`` cut to that length)."""
     key = {"task": "compare", "model": model, "device": device, "data": data,
            "forget": forget, "methods": _methods(methods), "config": dataclasses.asdict(config),
            "vanilla": vanilla, "batch_size": batch_size, "monitor": monitor, **environment()}
     if runs:
         key["runs"] = True
+    if detail:
+        key["detail"] = {"show": {"split": "forget", "first": show},
+                         "replies": {"mode": "forget", "modality": "Image_Textual",
+                                     "tasks": list(DETAIL_TASKS), "first": replies},
+                         "logs": True, "benign": {"reply_chars": reply_chars}}
     return canonical(key)
+
+
+# The benchmark tasks whose first forget replies a ``detail`` compare record keeps (chapter 2 prints them).
+DETAIL_TASKS = ("generation", "classification")
 
 
 def safety_key(model: str, data: str, methods: dict, config, vanilla: bool = True, batch_size: int = 64,
@@ -248,14 +266,26 @@ def _task_compare(key: dict, context: Context) -> dict:
         retain_images, forget_images = first(f"retain_{100 - forget}"), first(f"forget_{forget}")
         monitor = lambda: ProjectorMonitor(retain_images, forget_images, processor, every=spec["every"],
                                            max_tokens=spec["max_tokens"])
+    detail = key.get("detail")
+    show = None
+    if detail:
+        from mlunlearn.data.unlearning import add_refusals, unlearning_data
+
+        if detail["show"]["split"] != "forget":
+            raise ValueError(f"detail: show examples of the forget split only, not {detail['show']}")
+        show = add_refusals(unlearning_data(bench, key["forget"])).forget[: detail["show"]["first"]]
     out = compare(model, processor, bench, _specs(key), _config(key), key["forget"],
                   vanilla=key["vanilla"], batch_size=key["batch_size"], progress=False,
-                  fresh=context.fresh(key), monitor=monitor)
+                  fresh=context.fresh(key), monitor=monitor, show=show)
     value = {"table": out.table.reset_index().to_dict(orient="records"),
              "monitors": {label: m.frame().to_dict(orient="records") for label, m in out.monitors.items()}}
     if key.get("runs"):
         value["runs"] = {label: {"lr": run["config"]["lr"], "parametrisation": run["parametrisation"],
                                  "steps": run["steps"]} for label, run in out.runs.items()}
+    if detail:
+        spec = detail["replies"]
+        value["detail"] = out.detail(spec["mode"], spec["tasks"], spec["modality"], spec["first"],
+                                     detail["benign"]["reply_chars"])
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -180,3 +181,85 @@ def test_an_unknown_baseline_is_named():
 
     with pytest.raises(ValueError, match="unknown baseline 'GD'; use some of GA, GradDiff, NPO"):
         baseline_comparison(None, None, None, ["GD"])
+
+
+# -- compare records with detail (chapter 2: logs, shown replies, benign records) ---------------------------
+
+
+def test_detail_enters_a_compare_key_only_when_asked():
+    methods = {"GA": ("ga", {"lr": 1e-3})}
+    config = UnlearnConfig(seed=0)
+    literal = {"task": "compare", "model": "tiny", "device": "cpu", "data": "toyworld", "forget": 5,
+               "methods": {"GA": ["ga", {"lr": 1e-3}]},
+               "config": records.canonical(dataclasses.asdict(config)),
+               "vanilla": True, "batch_size": 64, "monitor": None, **records.environment()}
+    assert records.compare_key("tiny", "toyworld", methods, config) == literal  # old keys are unchanged
+    assert records.compare_key("tiny", "toyworld", methods, config, runs=True) == {**literal, "runs": True}
+    detailed = records.compare_key("tiny", "toyworld", methods, config, detail=True, show=3)
+    assert {k: v for k, v in detailed.items() if k != "detail"} == literal
+    assert detailed["detail"]["show"] == {"split": "forget", "first": 3}
+
+
+def test_the_committed_records_keep_their_keys():
+    """Every compare record in book/records has the key compare_key gives for its settings today."""
+    for path in sorted((ROOT / "book" / "records").glob("*.json")):
+        key = records.read_record(path)["key"]
+        if key["task"] != "compare":
+            continue
+        config = UnlearnConfig(**key["config"])
+        extra = {"detail": True, "show": key["detail"]["show"]["first"],
+                 "replies": key["detail"]["replies"]["first"],
+                 "reply_chars": key["detail"]["benign"]["reply_chars"]} if "detail" in key else {}
+        again = records.compare_key(key["model"], key["data"], records._specs(key), config, key["forget"],
+                                    key["vanilla"], key["batch_size"], key["monitor"], key["device"],
+                                    runs=key.get("runs", False), **extra)
+        assert again == key, path.name
+
+
+@needs_vanilla
+def test_a_detail_compare_record_gives_what_the_live_comparison_gives(tmp_path, vanilla, monkeypatch):
+    import pandas as pd
+
+    from mlunlearn import experiments
+    from mlunlearn.data import open_benchmark
+    from mlunlearn.data.unlearning import unlearning_data
+
+    model, processor = vanilla
+    bench = open_benchmark("toyworld")
+    context = records.Context().add("tiny", "cpu", "toyworld", model, processor, bench)
+    live, shows, compare = [], [], experiments.compare
+
+    def spy(*args, **kwargs):  # the comparison the task computes, before it becomes JSON
+        live.append(compare(*args, **kwargs))
+        shows.append(kwargs["show"])
+        return live[-1]
+
+    monkeypatch.setattr(experiments, "compare", spy)
+    methods = {"PO": ("po", {"lr": 3e-3})}
+    key = records.compare_key("tiny", "toyworld", methods, UnlearnConfig(max_steps=2, batch_size=4, seed=0),
+                              vanilla=False, detail=True, show=2, replies=3)
+    records.cached_task("c", key, tmp_path, context)
+    loaded = experiments.Comparison.from_record(records.cached_task("c", key, tmp_path, context))
+    assert len(live) == 1  # the second time, loaded from the record
+    out = live[0]
+
+    pd.testing.assert_frame_equal(loaded.table, out.table)
+    assert list(loaded.logs) == ["PO"] and list(loaded.logs["PO"].index) == [1, 2]
+    pd.testing.assert_frame_equal(loaded.logs["PO"], out.logs["PO"])
+    shown = unlearning_data(bench, 5).forget[:2]  # as chapter 2's show=data.forget[:3]
+    assert [(e.prompt, e.answer, e.image.tobytes()) for e in shows[0]] == [
+        (e.prompt, e.answer, e.image.tobytes()) for e in shown]
+    assert out.samples == loaded.samples and len(loaded.samples["PO"]) == 2
+    for task in records.DETAIL_TASKS:
+        for n in (1, 3):
+            pd.testing.assert_frame_equal(loaded.replies("forget", task, "Image_Textual", n=n),
+                                          out.replies("forget", task, "Image_Textual", n=n))
+    with pytest.raises(ValueError, match="first 3 questions"):
+        loaded.replies("forget", "generation", "Image_Textual", n=4)
+
+    cut = lambda text: text if len(text) <= 120 else text[:119] + "…"  # noqa: E731 - the stored replies
+    ours, theirs = out.benign["PO"].records, loaded.benign["PO"].records
+    assert len(ours) == len(theirs) and sum(r.scores["refusal_rate"] for r in ours) == sum(
+        r.scores["refusal_rate"] for r in theirs)
+    assert [(r.group, r.in_forget, r.scores["refusal_rate"], cut(r.reply)) for r in ours] == [
+        (r.group, r.in_forget, r.scores["refusal_rate"], r.reply) for r in theirs]

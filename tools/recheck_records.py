@@ -11,7 +11,9 @@ Default: a subset chosen to take about 7 minutes on one core (chapter 2's grid; 
 chapter 4's sweep, every variant, and one seed of its aggressive-rate comparison, with the projector
 monitor; the baseline scorecards chapters 5 and 6 share). It also
 reads every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns
-every record (chapter 4: about 12 minutes). Exit status 1 on any difference, with a diff of what differs.
+every record (chapter 4: about 12 minutes; chapter 2's comparison, ``02_tiny_compare``: six runs and seven
+full scorecards, about 6 to 7 minutes alone, too long for the default subset, so only ``--all`` or its name
+reruns it). Exit status 1 on any difference, with a diff of what differs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ FOLDER = ROOT / "book" / "records"
 # Rechecked by default: chapter 2's learning-rate grid (18 short runs, probes only), chapter 4's sweep at
 # the rate where its variants differ most, one seed of its aggressive comparison (4 runs, full evaluation
 # and projector monitor), and the baselines chapters 5 and 6 share (vanilla, GA, GradDiff, NPO, full
-# evaluation).
+# evaluation). Not chapter 2's comparison (02_tiny_compare, about 6 to 7 minutes alone): --all reruns it.
 DEFAULT = ["02_tiny_sweep", "04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0",
            "baselines_tiny_forget5_seed0"]
 
