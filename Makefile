@@ -66,7 +66,7 @@ test-notebooks: $(STAMP)
 # Chapters load their heavy grids from committed run records (book/records/, mlunlearn.records): this
 # recomputes a subset from scratch and fails unless it equals the records exactly (`--all`: every record).
 test-records: $(STAMP)
-	$(NB_ENV) $(BIN)/python tools/recheck_records.py
+	$(NB_ENV) $(BIN)/python tools/recheck_records.py --jobs 2
 
 execute: $(STAMP)
 	$(NB_ENV) $(BIN)/python tools/execute_notebooks.py

@@ -545,3 +545,10 @@ def test_safety_compare_scores_each_method_and_its_record_recomputes_equal(tmp_p
     key = records.safety_key("tiny", source, methods, config, batch_size=16)
     assert records.compute(key, records.Context().add("tiny", "cpu", source, model, processor,
                                                       get_benchmark(source))) == records.canonical(out.to_record())
+
+
+def test_pd_on_through_the_cli_and_a_bad_pd_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = _cli(capsys, "unlearn", "--no-progress", "--method", "po", "--set", "pd=onn",
+                        "--output", str(tmp_path / "run"))
+    _one_line_error(code, err, "pd='onn'", "'on'")
+    assert not (tmp_path / "run").exists()

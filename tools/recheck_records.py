@@ -7,13 +7,12 @@ and the value the code returned for it; chapters load records instead of rerunni
 This tool reruns records from their keys alone, in a fresh process, and compares every stored value with
 the recomputed one exactly (no tolerance: the chapters run on one CPU thread, bit-reproducibly).
 
-Default: a subset chosen to take about 7 minutes on one core (chapter 2's grid; one learning rate of
-chapter 4's sweep, every variant, and one seed of its aggressive-rate comparison, with the projector
-monitor; the baseline scorecards chapters 5 and 6 share). It also
-reads every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns
-every record (chapter 4: about 12 minutes; chapter 2's comparison, ``02_tiny_compare``: six runs and seven
-full scorecards, about 6 to 7 minutes alone, too long for the default subset, so only ``--all`` or its name
-reruns it). Exit status 1 on any difference, with a diff of what differs.
+Default: a subset (chapter 2's grid and its method comparison; one learning rate of chapter 4's sweep,
+every variant, and one seed of its aggressive-rate comparison, with the projector monitor; the baseline
+scorecards chapters 5 and 6 share), about 20 minutes of one core, run two at a time by ``make test``
+(``--jobs 2``). It also reads every record in the folder and checks its key names this mlunlearn and
+torch. ``--all`` reruns every record (chapter 4's: about 12 minutes more; chapter 9's safety runs,
+``09_tiny-safety_*``: about 10 minutes each). Exit status 1 on any difference, with a diff of what differs.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "book" / "records"
 # Rechecked by default: chapter 2's learning-rate grid (18 short runs, probes only), chapter 4's sweep at
 # the rate where its variants differ most, one seed of its aggressive comparison (4 runs, full evaluation
-# and projector monitor), and the baselines chapters 5 and 6 share (vanilla, GA, GradDiff, NPO, full
-# evaluation). Not chapter 2's comparison (02_tiny_compare, about 6 to 7 minutes alone): --all reruns it.
-DEFAULT = ["02_tiny_sweep", "04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0",
-           "baselines_tiny_forget5_seed0"]
+# and projector monitor), the baselines chapters 5 and 6 share (vanilla, GA, GradDiff, NPO, full
+# evaluation), and chapter 2's method comparison (6 runs, 7 full scorecards, about 7 minutes alone).
+DEFAULT = ["02_tiny_compare", "baselines_tiny_forget5_seed0", "02_tiny_sweep", "04_tiny_sweep_lr3e-03",
+           "04_tiny_compare_aggressive_seed0"]  # the longest first: two workers share the rest
 
 
 def describe(key: dict) -> str:
@@ -48,12 +47,37 @@ def describe(key: dict) -> str:
     return f"{key.get('task')}, {runs} run(s), seed {seed}, model {key.get('model')}"
 
 
+def _recheck_one(folder: Path, name: str):
+    """Recompute one record in this (worker) process: (name, differences, seconds)."""
+    import torch
+
+    from mlunlearn import records
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    return name, records.recheck(folder / f"{name}.json"), time.perf_counter() - t
+
+
+def _report(name: str, differences: list, seconds: float, max_diffs: int, failed: list) -> None:
+    if differences:
+        failed.append(name)
+        print(f"FAIL   {name}: {len(differences)} value(s) differ from the record:")
+        for line in differences[:max_diffs]:
+            print(f"         {line}")
+        if len(differences) > max_diffs:
+            print(f"         ... and {len(differences) - max_diffs} more")
+    else:
+        print(f"ok     {name}: recomputed values equal the record exactly ({seconds:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"records to rerun (default: {' '.join(DEFAULT)})")
     parser.add_argument("--all", action="store_true", help="rerun every record in the folder")
     parser.add_argument("--folder", type=Path, default=FOLDER, help="default: book/records")
     parser.add_argument("--max-diffs", type=int, default=20, help="differences shown per record")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="records recomputed at once, each in its own one-thread process (default: 1)")
     args = parser.parse_args(argv)
 
     import torch
@@ -83,22 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in names if n not in keys and n not in failed]
     for name in missing:
         print(f"FAIL   {name}: no record {name}.json in {os.path.relpath(folder)}")
-    context = records.Context()
     start = time.perf_counter()
-    for name in [n for n in names if n in keys]:
+    chosen = [n for n in names if n in keys]
+    for name in chosen:
         print(f"rerun  {name} ({describe(keys[name])}) ...", flush=True)
-        t = time.perf_counter()
-        differences = records.recheck(folder / f"{name}.json", context)
-        if differences:
-            failed.append(name)
-            print(f"FAIL   {name}: {len(differences)} value(s) differ from the record:")
-            for line in differences[: args.max_diffs]:
-                print(f"         {line}")
-            if len(differences) > args.max_diffs:
-                print(f"         ... and {len(differences) - args.max_diffs} more")
-        else:
-            print(f"ok     {name}: recomputed values equal the record exactly "
-                  f"({time.perf_counter() - t:.0f} s)")
+    if args.jobs > 1 and len(chosen) > 1:  # one fresh process per record, args.jobs at a time
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_recheck_one, [folder] * len(chosen), chosen)
+            for name, differences, seconds in results:
+                _report(name, differences, seconds, args.max_diffs, failed)
+    else:
+        context = records.Context()
+        for name in chosen:
+            t = time.perf_counter()
+            differences = records.recheck(folder / f"{name}.json", context)
+            _report(name, differences, time.perf_counter() - t, args.max_diffs, failed)
     rerun = len([n for n in names if n in keys])
     print(f"rechecked {rerun} of {len(paths)} records in {time.perf_counter() - start:.0f} s"
           + ("" if args.all else " (pass --all to rerun every record)"))
