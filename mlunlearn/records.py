@@ -124,6 +124,22 @@ def environment() -> dict:
     return {"mlunlearn": mlunlearn.__version__, "torch": torch.__version__}
 
 
+# UnlearnConfig fields added after the record format was fixed. A key leaves each one out while it holds
+# its default, so every committed record keeps its key (and its chapter does not recompute); a record made
+# with another value names it. _config rebuilds the config either way (a missing field takes its default).
+LATER_FIELDS = ("gradient_checkpointing",)
+
+
+def _config_dict(config) -> dict:
+    """``dataclasses.asdict(config)`` without the :data:`LATER_FIELDS` that hold their default."""
+    out = dataclasses.asdict(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in LATER_FIELDS:
+        if name in out and out[name] == defaults.get(name):
+            del out[name]
+    return out
+
+
 def _methods(methods: dict) -> dict:
     return {label: [name, dict(hp)] for label, (name, hp) in methods.items()}
 
@@ -133,7 +149,7 @@ def sweep_key(model: str, data: str, methods: dict, lrs, config, forget: int = 5
     """The key of an :func:`mlunlearn.experiments.lr_sweep` run (its default :class:`Probes`)."""
     return canonical({"task": "lr_sweep", "model": model, "device": device, "data": data,
                       "forget": forget, "methods": _methods(methods), "lrs": [float(lr) for lr in lrs],
-                      "config": dataclasses.asdict(config), **environment()})
+                      "config": _config_dict(config), **environment()})
 
 
 def monitor_spec(every: int = 10, images: int = 8, max_tokens: int | None = None) -> dict:
@@ -158,7 +174,7 @@ def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, v
     reply, and one entry per benign question (group, in forget, refused, reply, a reply longer than
     ``reply_chars`` cut to that length)."""
     key = {"task": "compare", "model": model, "device": device, "data": data,
-           "forget": forget, "methods": _methods(methods), "config": dataclasses.asdict(config),
+           "forget": forget, "methods": _methods(methods), "config": _config_dict(config),
            "vanilla": vanilla, "batch_size": batch_size, "monitor": monitor, **environment()}
     if runs:
         key["runs"] = True
@@ -178,7 +194,7 @@ def safety_key(model: str, data: str, methods: dict, config, vanilla: bool = Tru
                device: str = "cpu") -> dict:
     """The key of an :func:`mlunlearn.experiments.safety_compare` run (greedy replies, the rule judge)."""
     return canonical({"task": "safety_compare", "model": model, "device": device, "data": data,
-                      "methods": _methods(methods), "config": dataclasses.asdict(config), "vanilla": vanilla,
+                      "methods": _methods(methods), "config": _config_dict(config), "vanilla": vanilla,
                       "batch_size": batch_size, "judge": "rule", **environment()})
 
 
