@@ -110,12 +110,28 @@ class Standard(Parametrisation):
         inner = llava_parts(model)
         if "projector" in self.params or self.params == "all":
             inner.multi_modal_projector.requires_grad_(True)
+            train_in_fp32(inner.multi_modal_projector)
         if self.params in ("llm", "all"):
             inner.language_model.requires_grad_(True)
             _base(model).lm_head.requires_grad_(True)
         if self.params == "all":
             inner.vision_tower.requires_grad_(True)
         return model
+
+
+def _inputs_to_fp32(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def train_in_fp32(module) -> None:
+    """Make a module of a half-precision (bf16/fp16, or 4-bit) model train in fp32, as LoRA adapters do:
+    its parameters become fp32 (the Trainer's fp16 GradScaler refuses fp16 gradients, and small bf16 Adam
+    steps round away) and its input is cast to fp32. LLaVA casts the projector's output to the embeddings'
+    dtype. In an fp32 model nothing changes (no copy, no hook)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return
+    module.float()
+    module.register_forward_pre_hook(_inputs_to_fp32)
 
 
 def save_trainable_state(parametrisation: Parametrisation, model, folder: Path) -> Path:

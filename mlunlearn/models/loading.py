@@ -127,6 +127,29 @@ def check_device(device: str) -> str:
     return device
 
 
+# What 4-bit loading keeps in full precision (names as LlavaForConditionalGeneration.named_modules() gives
+# them; transformers skips a module whose name starts with one, up to a dot). The vision tower: LLaVA's
+# recipes keep it in full precision. The projector: SineProject copies its weights and params="projector" /
+# "lora+projector" train them, neither possible on packed uint8 weights. lm_head: transformers keeps it
+# unquantized by default only when no skip list is given.
+FULL_PRECISION_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+
+
+def quantization_kwargs(quantization: str | None, dtype: torch.dtype, device: str) -> dict:
+    """The ``from_pretrained`` arguments for ``quantization`` (None: none; ``"4bit"``: NF4 weights computing
+    in ``dtype``, :data:`FULL_PRECISION_MODULES` left in ``dtype``, everything on ``device``). Builds the
+    ``BitsAndBytesConfig`` only: neither a GPU nor bitsandbytes is needed to call it."""
+    if quantization is None:
+        return {}
+    if quantization != "4bit":
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use None or '4bit'")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                llm_int8_skip_modules=list(FULL_PRECISION_MODULES))
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype | None = None,
                quantization: str | None = None, attn_implementation: str | None = None):
     """Load ``(model, processor)`` in eval mode.
@@ -134,7 +157,8 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     ``name``: ``"tiny"`` (the vanilla tiny model shipped with the package), ``"tiny-safety"`` (the tiny
     model that complies with the safety world's harmful requests), a local folder, or a Hugging Face id.
     ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`).
-    ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards).
+    ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards); the vision
+    tower, projector and LM head stay in ``dtype`` (:func:`quantization_kwargs`).
     ``attn_implementation="eager"`` is needed to read attention maps.
     """
     device = check_device(device) if device else default_device()
@@ -179,13 +203,7 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelLoadError("quantization='4bit' needs bitsandbytes; fix: pip install 'mlunlearn[gpu]'")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device}
-    elif quantization is not None:
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use None or '4bit'")
+    kwargs.update(quantization_kwargs(quantization, dtype, device))
     try:  # the config first: a bad id or folder fails in one line, before any weights are fetched
         LlavaConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
