@@ -65,3 +65,160 @@ def test_the_tiny_family_trains_without_checkpointing_by_default(vanilla):
     result = unlearn(copy.deepcopy(model), "toyworld", 5, "ga", UnlearnConfig(max_steps=1, progress=False),
                      processor=processor, callbacks=[seen])
     assert seen.argument is False and result.run["config"]["gradient_checkpointing"] is False
+
+
+# -- 4-bit loading -----------------------------------------------------------------------------------------
+
+
+def test_4bit_keeps_the_vision_tower_projector_and_head_in_full_precision(vanilla):
+    """The BitsAndBytesConfig load_model passes, checked against the tiny LLaVA's module names with the rule
+    transformers applies: every Linear of the language model is quantized, none of the three kept parts."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from mlunlearn.models.loading import FULL_PRECISION_MODULES, ModelLoadError, quantization_kwargs
+
+    kwargs = quantization_kwargs("4bit", torch.bfloat16, "cuda:0")
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and kwargs["device_map"] == {"": "cuda:0"}
+    assert set(config.llm_int8_skip_modules) == set(FULL_PRECISION_MODULES)
+    model = vanilla[0]
+    kept = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not should_convert_module(n, config.llm_int8_skip_modules)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kept == {n for n in linears if n.startswith(("model.vision_tower.", "model.multi_modal_projector.", "lm_head"))}
+    assert {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2", "lm_head"} <= kept
+    assert any(".language_model." in n for n in linears - kept) and not any(".language_model." in n for n in kept)
+    assert quantization_kwargs(None, torch.float32, "cpu") == {}
+    with pytest.raises(ModelLoadError, match="unknown quantization '8bit'"):
+        quantization_kwargs("8bit", torch.float16, "cuda")
+
+
+def test_sineproject_refuses_a_quantized_projector_in_one_line():
+    from mlunlearn.methods.sineproject import SineLinear
+
+    layer = torch.nn.Linear(4, 3)
+    layer.weight = torch.nn.Parameter(torch.zeros(6, 1, dtype=torch.uint8), requires_grad=False)  # packed 4-bit
+    with pytest.raises(MethodError, match=r"projector's weights are quantized \(torch.uint8\).*quantization='4bit'\) keeps"):
+        SineLinear(layer)
+
+
+def test_a_real_4bit_tiny_model_trains_sineproject_and_its_projector():
+    """With bitsandbytes (not installed on the CI machine: skipped there), the tiny LLaVA loads in 4 bits on
+    the CPU with its projector in full precision, and one SineProject step and one lora+projector step run."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mlunlearn.models import ASSET_DIR
+    from mlunlearn.models.loading import quantization_kwargs
+
+    processor = AutoProcessor.from_pretrained(str(ASSET_DIR))
+    for method in ("sineproject", "graddiff"):
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(ASSET_DIR), dtype=torch.float32, use_safetensors=True,
+            **quantization_kwargs("4bit", torch.float32, "cpu"))
+        assert model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+        hp = {} if method == "sineproject" else {"params": "lora+projector"}
+        result = unlearn(model, "toyworld", 5, method, UnlearnConfig(lr=1e-4, max_steps=1, batch_size=2,
+                                                                     progress=False), processor=processor, **hp)
+        assert result.run["steps"] == 1 and result.run["saved"] is None
+
+
+# -- half precision ----------------------------------------------------------------------------------------
+
+
+def _bf16_batch(vanilla, method):
+    from mlunlearn.benchmarks import as_benchmark
+    from mlunlearn.data.unlearning import PairedCollator, PairedDataset
+    from mlunlearn.engine import prepare_data
+
+    model, processor = vanilla
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    data = prepare_data(method, as_benchmark("toyworld"), 5, model.eval(), processor)
+    dataset = PairedDataset(data, seed=0)
+    return model, PairedCollator(processor)([dataset[0], dataset[1]])
+
+
+def _one_step(model, method, batch, lr=1e-5):
+    torch.manual_seed(0)
+    model.train()
+    loss = method.total_loss(model, batch, None)["loss"]
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0).step()
+    return loss
+
+
+def test_sineproject_in_bf16_trains_fp32_tensors_and_keeps_small_updates(vanilla):
+    """A bf16 model: ΔW and the biases train in fp32, and one Adam step at lr 1e-5 moves nearly every entry
+    of the effective projector weights W + sin(ω·ΔW)/ω (summed in fp32). Before the fix the biases were
+    bf16 and the sum was taken in bf16, where ~87% of those first updates rounded back to W."""
+    from mlunlearn.methods import get_method
+
+    method = get_method("sineproject", objective="ga")
+    model, batch = _bf16_batch(vanilla, method)
+    model = method.parametrisation().apply(model)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("linear_2.bias") for n in trainable) and any(n.endswith("linear_2.delta") for n in trainable)
+    assert set(trainable.values()) == {torch.float32}, {n: d for n, d in trainable.items() if d != torch.float32}
+    layers = method.sine_modules
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in layers.values())  # W itself stays bf16
+    before = {k: layer.effective_weight().detach().clone() for k, layer in layers.items()}
+    loss = _one_step(model, method, batch)
+    assert torch.isfinite(loss)
+    for name, layer in layers.items():
+        after = layer.effective_weight()
+        assert after.dtype == torch.float32
+        moved = (after != before[name]).float().mean().item()
+        assert moved > 0.9, f"{name}: only {moved:.0%} of the effective weights moved"
+        # what the matmul uses: the fp32 sum, rounded once to W's dtype
+        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+        expected = torch.nn.functional.linear(x, after.to(torch.bfloat16), layer.bias.to(torch.bfloat16))
+        assert torch.equal(layer(x), expected)
+
+
+def test_sineproject_in_fp32_is_the_previous_formula_exactly():
+    """The fp32 path (every committed tiny number) computes exactly x (W + sin(ω·ΔW)/ω)ᵀ + b, as before."""
+    from mlunlearn.methods.sineproject import SineLinear
+
+    torch.manual_seed(0)
+    for omega, additive in ((1.0, False), (30.0, False), (1.0, True)):
+        layer = SineLinear(torch.nn.Linear(16, 8), omega=omega, additive=additive, init="normal", init_scale=0.1)
+        x = torch.randn(5, 16, requires_grad=True)
+        added = layer.delta if additive else torch.sin(omega * layer.delta) / omega
+        previous = torch.nn.functional.linear(x, layer.weight + added.to(layer.weight.dtype), layer.bias)
+        now = layer(x)
+        assert torch.equal(now, previous)
+        assert torch.equal(layer.effective_weight(), layer.weight + added)
+        g_now = torch.autograd.grad(now.sum(), [layer.delta, layer.bias])
+        g_previous = torch.autograd.grad(previous.sum(), [layer.delta, layer.bias])
+        assert all(torch.equal(a, b) for a, b in zip(g_now, g_previous))
+
+
+@pytest.mark.parametrize("params", ["projector", "lora+projector"])
+def test_a_trained_projector_of_a_bf16_model_trains_in_fp32(vanilla, params):
+    """params="projector"/"lora+projector" on a half-precision model (a 4-bit one keeps its projector in
+    the compute dtype): the projector trains in fp32 (no fp16 gradients for the GradScaler, no bf16
+    rounding of small steps), the model runs without autocast, and one small step moves its weights."""
+    from mlunlearn.methods import get_method
+
+    method = get_method("ga", params=params)
+    model, batch = _bf16_batch(vanilla, method)
+    model = method.parametrisation().apply(model)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("multi_modal_projector" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    projector = model.get_base_model().model.multi_modal_projector if "lora" in params else model.model.multi_modal_projector
+    before = projector.linear_2.weight.detach().clone()
+    loss = _one_step(model, method, batch)
+    assert torch.isfinite(loss) and loss.dtype in (torch.bfloat16, torch.float32)
+    assert (projector.linear_2.weight != before).float().mean().item() > 0.9
+    language_model = model.get_base_model() if "lora" in params else model
+    assert language_model.lm_head.weight.dtype == torch.bfloat16  # the rest stays bf16
+
+
+def test_a_trained_projector_of_an_fp32_model_is_untouched(vanilla):
+    from mlunlearn.methods import get_method
+
+    model = copy.deepcopy(vanilla[0])
+    model = get_method("ga", params="projector").parametrisation().apply(model)
+    assert not model.model.multi_modal_projector._forward_pre_hooks  # no cast, no copy: the tiny path as before

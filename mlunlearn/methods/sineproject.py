@@ -34,7 +34,13 @@ from .registry import METHODS, get_method, register
 class SineLinear(nn.Module):
     """``y = x (W + sin(ω·ΔW)/ω)ᵀ + b``: W frozen, ΔW (same shape) and b trainable.
 
-    With ``additive=True``, ``W + ΔW`` (the control). ``effective_weight()`` is the matrix applied.
+    With ``additive=True``, ``W + ΔW`` (the control). ``effective_weight()`` is the matrix applied, in fp32.
+
+    In a half-precision model (bf16/fp16) W stays in its dtype, but what trains (ΔW, b) is fp32 (the
+    Trainer's fp16 GradScaler refuses fp16 gradients; bf16 Adam steps of a small lr would round away), and
+    W + sin(ω·ΔW)/ω is summed in fp32 and only then cast to W's dtype for the matmul: added in bf16, most
+    of the first small updates to the projector (~87% on the tiny model at lr 1e-5) rounded back to W. In
+    fp32 every cast is a no-op, so the computation is exactly ``x (W + sin(ω·ΔW)/ω)ᵀ + b``.
     """
 
     def __init__(self, linear: nn.Linear, omega: float = 1.0, additive: bool = False, init: str = "zero",
@@ -42,8 +48,13 @@ class SineLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.omega, self.additive = float(omega), bool(additive)
+        if not linear.weight.is_floating_point():  # e.g. a bitsandbytes 4-bit layer: packed uint8
+            raise MethodError(f"the projector's weights are quantized ({linear.weight.dtype}); SineProject needs "
+                              "them in full precision: load_model(..., quantization='4bit') keeps the projector "
+                              "out of quantization")
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)  # W: frozen
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        # b trains: fp32 whatever W's dtype (a no-op copy in fp32)
+        self.bias = nn.Parameter(linear.bias.detach().clone().float()) if linear.bias is not None else None
         self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=torch.float32))  # ΔW
         if init == "normal":  # a small random start; zero is the default (exact vanilla start)
             nn.init.normal_(self.delta, std=init_scale)
@@ -51,16 +62,20 @@ class SineLinear(nn.Module):
             raise MethodError(f"init={init!r}: use 'zero' or 'normal'")
 
     def modulation(self) -> torch.Tensor:
-        """The added term: sin(ω·ΔW)/ω, or ΔW when additive."""
+        """The added term in fp32: sin(ω·ΔW)/ω, or ΔW when additive."""
+        delta = self.delta.float()
         if self.additive:
-            return self.delta
-        return torch.sin(self.omega * self.delta) / self.omega
+            return delta
+        return torch.sin(self.omega * delta) / self.omega
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight + self.modulation().to(self.weight.dtype)
+        """W + sin(ω·ΔW)/ω, summed in fp32 (what the analysis reads and merging folds in)."""
+        return self.weight.float() + self.modulation()
 
     def forward(self, x):
-        return nn.functional.linear(x, self.effective_weight(), self.bias)
+        dtype = self.weight.dtype  # the matmul runs in W's dtype; in fp32 both casts are no-ops
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return nn.functional.linear(x, self.effective_weight().to(dtype), bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the effective weight (the merge step)."""
