@@ -19,6 +19,18 @@ import sys
 EXIT_USAGE = 2
 
 
+def _add_model_and_data(p) -> None:
+    """``--model``, ``--data`` and ``--forget``, as ``eval`` and ``unlearn`` take them."""
+    p.add_argument("--model", default="tiny",
+                   help="'tiny', 'tiny-safety', a Hugging Face id, or a local model folder (default: tiny)")
+    p.add_argument("--data", default="toyworld",
+                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
+                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
+    p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
+                   help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
+                        "every harmful item of their train file")
+
+
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -26,13 +38,7 @@ def _add_eval(subparsers) -> None:
         description="Run MLLMU-Bench's official evaluation protocol and write its result JSON; on a safety "
                     "benchmark, write ASR, RR, SARR (%) and ROUGE-L precision for each of its files.",
     )
-    p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
-    p.add_argument("--data", default="toyworld",
-                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
-                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
-    p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
-                   help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
-                        "every harmful item of their train file")
+    _add_model_and_data(p)
     p.add_argument("--output", default="results.json", help="result JSON, official format (default: results.json)")
     p.add_argument("--records", default=None, help="also write every question and reply to this JSON-lines file")
     p.add_argument("--batch-size", type=_positive, default=8, help="prompts per generate() call (default: 8)")
@@ -89,17 +95,11 @@ def _add_unlearn(subparsers) -> None:
         description="Unlearn forget_N with a method; write the model and run.json (config, seed, steps, "
                     "timings, loss curves) to --output.\nSettings are method hyper-parameters (see "
                     "`mlunlearn methods --verbose`) or engine settings (lr, epochs, max_steps, batch_size,\n"
-                    "grad_accum, seed, precision, save_steps, resume, ...). The tiny model and LLaVA-1.5 have "
+                    "grad_accum, seed, precision, gradient_checkpointing, save_steps, resume, ...). The tiny model and LLaVA-1.5 have "
                     "their own defaults:",
         epilog=_defaults_table() + "\n\ntiny: the rates and epochs tuned in the book's chapters 2 and 4; "
                "llava-1.5: MLLMU-Bench's published LLaVA-1.5-7B settings.")
-    p.add_argument("--model", default="tiny", help="'tiny', a Hugging Face id, or a local model folder (default: tiny)")
-    p.add_argument("--data", default="toyworld",
-                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
-                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
-    p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
-                   help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
-                        "every harmful item of their train file")
+    _add_model_and_data(p)
     p.add_argument("--method", required=True, help="a registered method (see `mlunlearn methods`)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter or engine setting; repeatable, e.g. --set lr=1e-3 --set beta=0.1; "

@@ -19,6 +19,7 @@ from mlunlearn.data import BenchmarkError, open_benchmark, write_benchmark
 from mlunlearn.eval.results import EvalResult, Record
 from mlunlearn.models import ModelLoadError, build_processor, build_tiny_llava, load_model, train_tokenizer
 from mlunlearn import utils
+from conftest import assert_one_line_error
 
 torch.set_num_threads(1)
 
@@ -77,13 +78,7 @@ def _eval(capsys, *args):
     return code, captured.out, captured.err
 
 
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+_assert_one_line_error = assert_one_line_error  # tests/conftest.py
 
 
 def _set_parquet(folder, config, edit):

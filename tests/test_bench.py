@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import needs_vanilla
+from conftest import assert_one_line_error, needs_vanilla
 from mlunlearn import bench as mb
 from mlunlearn.cli import main
 from test_safety import write_safeeraser
@@ -25,12 +25,7 @@ def _cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+_one_line_error = assert_one_line_error  # tests/conftest.py
 
 
 def _snapshot(folder):

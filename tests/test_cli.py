@@ -11,6 +11,7 @@ from mlunlearn.data import open_benchmark, write_benchmark
 torch.set_num_threads(1)
 
 from mlunlearn.models import ASSET_DIR, build_processor, build_tiny_llava, train_tokenizer
+from conftest import assert_one_line_error
 
 needs_vanilla = pytest.mark.skipif(
     not (ASSET_DIR / "model.safetensors").is_file(),
@@ -39,13 +40,7 @@ def _run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def _assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+_assert_one_line_error = assert_one_line_error  # tests/conftest.py
 
 
 def test_missing_config(tmp_path, capsys):

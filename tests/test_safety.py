@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import needs_vanilla
+from conftest import assert_one_line_error, needs_vanilla
 from mlunlearn.benchmarks import get_benchmark
 from mlunlearn.benchmarks.safety import load_safeeraser, load_vlguard, safety_world_folder
 from mlunlearn.cli import main
@@ -96,12 +96,7 @@ def _cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+_one_line_error = assert_one_line_error  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------- loaders
