@@ -95,8 +95,8 @@ def _add_unlearn(subparsers) -> None:
         description="Unlearn forget_N with a method; write the model and run.json (config, seed, steps, "
                     "timings, loss curves) to --output.\nSettings are method hyper-parameters (see "
                     "`mlunlearn methods --verbose`) or engine settings (lr, epochs, max_steps, batch_size,\n"
-                    "grad_accum, seed, precision, gradient_checkpointing, save_steps, resume, ...). The tiny model and LLaVA-1.5 have "
-                    "their own defaults:",
+                    "grad_accum, seed, precision, gradient_checkpointing, save_steps, resume, ...).\nThe tiny model "
+                    "and LLaVA-1.5 have their own defaults:",
         epilog=_defaults_table() + "\n\ntiny: the rates and epochs tuned in the book's chapters 2 and 4; "
                "llava-1.5: MLLMU-Bench's published LLaVA-1.5-7B settings.")
     _add_model_and_data(p)
