@@ -87,6 +87,8 @@ class Comparison:
     monitors: dict = field(default_factory=dict)  # method -> the callbacks ``monitor`` made for its run
     # (mode, task, modality) -> the columns :meth:`replies` gives, kept by a record made with ``detail``
     stored_replies: dict = field(default_factory=dict)
+    # method -> the median input-Jacobian spectrum a record's ``measure`` (chapter 3) took after its run
+    spectra: dict = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, value: dict) -> "Comparison":
@@ -97,11 +99,18 @@ class Comparison:
         :meth:`mlunlearn.engine.UnlearnRun.curves`), the replies to the ``show`` examples (``.samples``),
         the first replies of :meth:`replies` for the stored (mode, task, modality) and, in ``.benign``, one
         light record per benign question (``.group``, ``.in_forget``, ``.reply`` (cut to the record's
-        ``reply_chars``) and ``.scores["refusal_rate"]``, 0.0 or 1.0). Monitors and the full evaluation
-        records are not kept in records."""
+        ``reply_chars``) and ``.scores["refusal_rate"]``, 0.0 or 1.0, and ``.scores["accuracy"]`` when the
+        record keeps it). A record with monitors gives, in ``.monitors``, objects whose ``.frame()`` is the
+        monitor's :meth:`~mlunlearn.analysis.ProjectorMonitor.frame`; one with a ``measure`` spec gives
+        ``.spectra`` (numpy arrays). The full evaluation records are not kept in records."""
         runs = {label: {"config": {"lr": run["lr"]}, "parametrisation": run["parametrisation"],
                         "steps": run["steps"]} for label, run in value.get("runs", {}).items()}
         out = cls(pd.DataFrame(value["table"]).set_index("method"), runs=runs)
+        out.monitors = {label: StoredMonitor(rows) for label, rows in value.get("monitors", {}).items()}
+        if "spectra" in value:
+            import numpy as np
+
+            out.spectra = {label: np.asarray(s, dtype=float) for label, s in value["spectra"].items()}
         detail = value.get("detail")
         if detail:
             out.logs = {label: pd.DataFrame(columns).set_index("step")
@@ -114,7 +123,8 @@ class Comparison:
         return out
 
     def detail(self, mode: str = "forget", tasks=("generation", "classification"),
-               modality: str = "Image_Textual", n: int = 5, reply_chars: int = 120) -> dict:
+               modality: str = "Image_Textual", n: int = 5, reply_chars: int = 120,
+               accuracy: bool = False) -> dict:
         """What a ``detail`` compare record keeps beyond the table, as JSON (:meth:`from_record` reads it):
 
         - ``logs``: each run's per-step log, one list per column (``step`` first);
@@ -125,7 +135,9 @@ class Comparison:
           (``[group, in_forget, count]``; the same for every method), and per method its distinct
           ``replies`` (most frequent first; a reply longer than ``reply_chars`` is kept as its first
           ``reply_chars - 1`` characters and "…"), ``reply``: each question's reply as an index into them,
-          space-separated, and ``refused``: the positions of the questions whose reply was a refusal.
+          space-separated, and ``refused``: the positions of the questions whose reply was a refusal;
+          with ``accuracy``, also ``accuracy``: one character per question, ``1`` (correct), ``0``
+          (wrong) or ``-`` (no reference answer, not scored).
         """
         import itertools
         from collections import Counter
@@ -150,6 +162,8 @@ class Comparison:
             methods[label] = {"replies": distinct, "reply": " ".join(str(index[reply]) for reply in said),
                               "refused": [i for i, r in enumerate(result.records)
                                           if r.scores["refusal_rate"]]}
+            if accuracy:
+                methods[label]["accuracy"] = "".join(_accuracy_char(r.scores) for r in result.records)
         runs = [[group, in_forget, len(list(items))]
                 for (group, in_forget), items in itertools.groupby(layout or [])]
         return {"logs": logs, "samples": {label: list(s) for label, s in self.samples.items()},
@@ -159,7 +173,8 @@ class Comparison:
     def __add__(self, other: "Comparison") -> "Comparison":
         """The rows of both, this one's first (e.g. baselines from a record, then the runs of a chapter)."""
         merged = Comparison(pd.concat([self.table, other.table]))
-        for name in ("logs", "runs", "results", "benign", "samples", "monitors", "stored_replies"):
+        for name in ("logs", "runs", "results", "benign", "samples", "monitors", "stored_replies",
+                     "spectra"):
             setattr(merged, name, {**getattr(self, name), **getattr(other, name)})
         return merged
 
@@ -185,9 +200,29 @@ class Comparison:
         return pd.DataFrame(table)
 
 
+class StoredMonitor:
+    """A monitor's rows as a run record keeps them: ``.history`` and ``.frame()`` as a
+    :class:`mlunlearn.analysis.ProjectorMonitor` gives them."""
+
+    def __init__(self, rows: list):
+        self.history = list(rows)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history)
+
+
+def _accuracy_char(scores: dict) -> str:
+    if "accuracy" not in scores:
+        return "-"
+    if scores["accuracy"] not in (0.0, 1.0):
+        raise ValueError(f"a benign accuracy of {scores['accuracy']!r}: only 0 or 1 can be stored")
+    return str(int(scores["accuracy"]))
+
+
 def _stored_benign(questions: list, stored: dict):
     """One method's benign results as :meth:`Comparison.detail` stores them, as light objects with
-    ``.records``, each with ``.group``, ``.in_forget``, ``.reply`` and ``.scores["refusal_rate"]``."""
+    ``.records``, each with ``.group``, ``.in_forget``, ``.reply``, ``.scores["refusal_rate"]`` and,
+    when stored, ``.scores["accuracy"]`` (as the live records: only for a question with an answer)."""
     from types import SimpleNamespace
 
     layout = [(group, in_forget) for group, in_forget, count in questions for _ in range(count)]
@@ -195,9 +230,16 @@ def _stored_benign(questions: list, stored: dict):
     if len(said) != len(layout):
         raise ValueError(f"a stored benign result has {len(said)} replies for {len(layout)} questions")
     refused = set(stored["refused"])
+    correct = stored.get("accuracy", "-" * len(said))
+    if len(correct) != len(said):
+        raise ValueError(f"a stored benign result has {len(correct)} accuracies for {len(said)} questions")
+
+    def scores(i):
+        refusal = {"refusal_rate": float(i in refused)}
+        return refusal if correct[i] == "-" else {"accuracy": float(correct[i]), **refusal}
+
     return SimpleNamespace(records=[
-        SimpleNamespace(group=group, in_forget=in_forget, reply=reply,
-                        scores={"refusal_rate": float(i in refused)})
+        SimpleNamespace(group=group, in_forget=in_forget, reply=reply, scores=scores(i))
         for i, ((group, in_forget), reply) in enumerate(zip(layout, said))])
 
 

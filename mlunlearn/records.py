@@ -158,10 +158,20 @@ def monitor_spec(every: int = 10, images: int = 8, max_tokens: int | None = None
     return {"every": every, "images": images, "max_tokens": max_tokens}
 
 
+def measure_spec(images: int = 8, examples: int = 16) -> dict:
+    """A compare task's ``measure`` (:class:`mlunlearn.analysis.projector.ProjectorMeasure`, chapter 3),
+    taken on the vanilla model and after each run: the median input-Jacobian spectrum over the tokens of
+    the first ``images`` portraits of the forget split (kept in the record's ``spectra``), and the loss
+    Jacobian's ``loss-J cond`` and ``loss-J eff. rank`` (table columns) on the first ``examples`` of
+    ``unlearning_data(bench, forget).forget``."""
+    return {"projector": {"images": images, "examples": examples}}
+
+
 def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, vanilla: bool = True,
                 batch_size: int = 64, monitor: dict | None = None, device: str = "cpu",
                 runs: bool = False, detail: bool = False, show: int = 3, replies: int = 5,
-                reply_chars: int = 120) -> dict:
+                reply_chars: int = 120, measure: dict | None = None,
+                benign_accuracy: bool = False) -> dict:
     """The key of an :func:`mlunlearn.experiments.compare` run; ``monitor``: :func:`monitor_spec`;
     ``runs``: also store each run's learning rate, what trained and its steps (only then is it part of
     the key, so records made without it keep their keys).
@@ -172,7 +182,11 @@ def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, v
     (``unlearning_data(bench, forget).forget[:show]``, the ``show=`` of :func:`compare`), the first
     ``replies`` forget questions with the image of each task of :data:`DETAIL_TASKS` with every method's
     reply, and one entry per benign question (group, in forget, refused, reply, a reply longer than
-    ``reply_chars`` cut to that length)."""
+    ``reply_chars`` cut to that length); with ``benign_accuracy`` (part of the key only then) also
+    whether each benign answer was correct.
+
+    ``measure`` (part of the key only when given): :func:`measure_spec`, measured on the vanilla model
+    and after each run."""
     key = {"task": "compare", "model": model, "device": device, "data": data,
            "forget": forget, "methods": _methods(methods), "config": _config_dict(config),
            "vanilla": vanilla, "batch_size": batch_size, "monitor": monitor, **environment()}
@@ -183,6 +197,12 @@ def compare_key(model: str, data: str, methods: dict, config, forget: int = 5, v
                          "replies": {"mode": "forget", "modality": "Image_Textual",
                                      "tasks": list(DETAIL_TASKS), "first": replies},
                          "logs": True, "benign": {"reply_chars": reply_chars}}
+        if benign_accuracy:
+            key["detail"]["benign"]["accuracy"] = True
+    elif benign_accuracy:
+        raise ValueError("benign_accuracy is kept with the benign records: pass detail=True")
+    if measure is not None:
+        key["measure"] = measure
     return canonical(key)
 
 
@@ -282,6 +302,9 @@ def _task_compare(key: dict, context: Context) -> dict:
         retain_images, forget_images = first(f"retain_{100 - forget}"), first(f"forget_{forget}")
         monitor = lambda: ProjectorMonitor(retain_images, forget_images, processor, every=spec["every"],
                                            max_tokens=spec["max_tokens"])
+    measure = None
+    if key.get("measure") is not None:
+        measure = _measure(key, processor, bench)
     detail = key.get("detail")
     show = None
     if detail:
@@ -292,7 +315,7 @@ def _task_compare(key: dict, context: Context) -> dict:
         show = add_refusals(unlearning_data(bench, key["forget"])).forget[: detail["show"]["first"]]
     out = compare(model, processor, bench, _specs(key), _config(key), key["forget"],
                   vanilla=key["vanilla"], batch_size=key["batch_size"], progress=False,
-                  fresh=context.fresh(key), monitor=monitor, show=show)
+                  fresh=context.fresh(key), monitor=monitor, show=show, measure=measure)
     value = {"table": out.table.reset_index().to_dict(orient="records"),
              "monitors": {label: m.frame().to_dict(orient="records") for label, m in out.monitors.items()}}
     if key.get("runs"):
@@ -301,8 +324,26 @@ def _task_compare(key: dict, context: Context) -> dict:
     if detail:
         spec = detail["replies"]
         value["detail"] = out.detail(spec["mode"], spec["tasks"], spec["modality"], spec["first"],
-                                     detail["benign"]["reply_chars"])
+                                     detail["benign"]["reply_chars"],
+                                     accuracy=detail["benign"].get("accuracy", False))
+    if measure is not None:
+        labels = (["vanilla"] if key["vanilla"] else []) + list(key["methods"])
+        value["spectra"] = {label: s.tolist() for label, s in zip(labels, measure.spectra, strict=True)}
     return value
+
+
+def _measure(key: dict, processor, bench):
+    """The measure of a key's :func:`measure_spec` (the images and examples chapter 3 measures)."""
+    from mlunlearn.analysis.projector import ProjectorMeasure
+    from mlunlearn.data import decode_image
+    from mlunlearn.data.unlearning import unlearning_data
+
+    if set(key["measure"]) != {"projector"}:
+        raise ValueError(f"unknown measure {key['measure']!r}; known: projector (measure_spec)")
+    spec, forget = key["measure"]["projector"], key["forget"]
+    images = [decode_image(r["image"]) for r in bench.load(f"forget_{forget}")][: spec["images"]]
+    examples = unlearning_data(bench, forget).forget[: spec["examples"]]
+    return ProjectorMeasure(processor, images, examples)
 
 
 def _task_safety_compare(key: dict, context: Context) -> dict:

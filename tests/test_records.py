@@ -214,7 +214,10 @@ def _key_again(key: dict) -> dict:
     assert key["task"] == "compare", key["task"]
     extra = {"detail": True, "show": key["detail"]["show"]["first"],
              "replies": key["detail"]["replies"]["first"],
-             "reply_chars": key["detail"]["benign"]["reply_chars"]} if "detail" in key else {}
+             "reply_chars": key["detail"]["benign"]["reply_chars"],
+             "benign_accuracy": key["detail"]["benign"].get("accuracy", False)} if "detail" in key else {}
+    if "measure" in key:
+        extra["measure"] = records.measure_spec(**key["measure"]["projector"])
     return records.compare_key(key["model"], key["data"], records._specs(key), config, key["forget"],
                                key["vanilla"], key["batch_size"], key["monitor"], key["device"],
                                runs=key.get("runs", False), **extra)
@@ -295,3 +298,91 @@ def test_a_detail_compare_record_gives_what_the_live_comparison_gives(tmp_path, 
         r.scores["refusal_rate"] for r in theirs)
     assert [(r.group, r.in_forget, r.scores["refusal_rate"], cut(r.reply)) for r in ours] == [
         (r.group, r.in_forget, r.scores["refusal_rate"], r.reply) for r in theirs]
+
+
+# -- compare records with a measure (chapter 3: spectra, loss-J columns, monitors, benign accuracy) ---------
+
+
+def test_a_measure_and_benign_accuracy_enter_a_compare_key_only_when_given():
+    methods = {"GA": ("ga", {"lr": 1e-3})}
+    config = UnlearnConfig(seed=0)
+    plain = records.compare_key("tiny", "toyworld", methods, config, detail=True)
+    assert "measure" not in plain and "accuracy" not in plain["detail"]["benign"]
+    spec = records.measure_spec(images=8, examples=16)
+    assert spec == {"projector": {"images": 8, "examples": 16}}
+    measured = records.compare_key("tiny", "toyworld", methods, config, detail=True, measure=spec)
+    assert measured == {**plain, "measure": spec}
+    accurate = records.compare_key("tiny", "toyworld", methods, config, detail=True, benign_accuracy=True)
+    assert accurate["detail"]["benign"] == {**plain["detail"]["benign"], "accuracy": True}
+    assert {k: v for k, v in accurate.items() if k != "detail"} == {k: v for k, v in plain.items() if k != "detail"}
+    with pytest.raises(ValueError, match="detail=True"):
+        records.compare_key("tiny", "toyworld", methods, config, benign_accuracy=True)
+
+
+def test_an_old_detail_record_loads_without_accuracy():
+    from mlunlearn.experiments import Comparison
+
+    value = records.read_record(ROOT / "book" / "records" / "02_tiny_compare.json")["value"]
+    loaded = Comparison.from_record(value)
+    assert loaded.spectra == {} and loaded.monitors == {}
+    records_ = loaded.benign["vanilla"].records
+    assert all(set(r.scores) == {"refusal_rate"} for r in records_)
+
+
+@needs_vanilla
+def test_a_measured_compare_record_gives_what_the_live_comparison_gives(tmp_path, vanilla, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from mlunlearn import experiments
+    from mlunlearn.analysis.projector import ProjectorMeasure
+    from mlunlearn.data import decode_image, open_benchmark
+    from mlunlearn.data.unlearning import unlearning_data
+
+    model, processor = vanilla
+    bench = open_benchmark("toyworld")
+    context = records.Context().add("tiny", "cpu", "toyworld", model, processor, bench)
+    live, measures, compare = [], [], experiments.compare
+
+    def spy(*args, **kwargs):  # the comparison the task computes, before it becomes JSON
+        live.append(compare(*args, **kwargs))
+        measures.append(kwargs["measure"])
+        return live[-1]
+
+    monkeypatch.setattr(experiments, "compare", spy)
+    methods = {"PO": ("po", {"params": "projector", "lr": 3e-3})}
+    key = records.compare_key("tiny", "toyworld", methods, UnlearnConfig(max_steps=2, batch_size=4, seed=0),
+                              detail=True, show=0, replies=0, benign_accuracy=True,
+                              monitor=records.monitor_spec(every=1, images=2),
+                              measure=records.measure_spec(images=2, examples=4))
+    records.cached_task("m", key, tmp_path, context)
+    loaded = experiments.Comparison.from_record(records.cached_task("m", key, tmp_path, context))
+    assert len(live) == 1  # the second time, loaded from the record
+    out, measure = live[0], measures[0]
+
+    # the measure measures what chapter 3 measures: the first forget portraits and training examples
+    assert isinstance(measure, ProjectorMeasure)
+    portraits = [decode_image(r["image"]) for r in bench.load("forget_5")][:2]
+    assert [i.tobytes() for i in measure.images] == [i.tobytes() for i in portraits]
+    shown = unlearning_data(bench, 5).forget[:4]
+    assert [(e.prompt, e.answer, e.image.tobytes()) for e in measure.examples] == [
+        (e.prompt, e.answer, e.image.tobytes()) for e in shown]
+
+    pd.testing.assert_frame_equal(loaded.table, out.table)
+    assert {"loss-J cond", "loss-J eff. rank"} <= set(loaded.table.columns)
+    assert list(loaded.spectra) == ["vanilla", "PO"] and len(measure.spectra) == 2
+    for label, spectrum in zip(["vanilla", "PO"], measure.spectra):
+        assert loaded.spectra[label].dtype == spectrum.dtype
+        np.testing.assert_array_equal(loaded.spectra[label], spectrum)
+    assert not np.array_equal(loaded.spectra["vanilla"], loaded.spectra["PO"])  # the projector trained
+    assert list(loaded.monitors) == ["PO"]
+    pd.testing.assert_frame_equal(loaded.monitors["PO"].frame(), out.monitors["PO"].frame())
+    assert list(loaded.monitors["PO"].frame()["step"]) == [0, 1, 2]
+
+    cut = lambda text: text if len(text) <= 120 else text[:119] + "…"  # noqa: E731 - the stored replies
+    for label in ("vanilla", "PO"):
+        ours, theirs = out.benign[label].records, loaded.benign[label].records
+        assert [(r.group, r.in_forget, r.scores, cut(r.reply)) for r in ours] == [
+            (r.group, r.in_forget, r.scores, r.reply) for r in theirs]
+        assert sum(r.scores.get("accuracy", 0) for r in theirs) > 0
+

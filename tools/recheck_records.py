@@ -7,11 +7,12 @@ and the value the code returned for it; chapters load records instead of rerunni
 This tool reruns records from their keys alone, in a fresh process, and compares every stored value with
 the recomputed one exactly (no tolerance: the chapters run on one CPU thread, bit-reproducibly).
 
-Default: a subset (chapter 2's grid and its method comparison; one learning rate of chapter 4's sweep,
-every variant, and one seed of its aggressive-rate comparison, with the projector monitor; the baseline
-scorecards chapters 5 and 6 share), about 20 minutes of one core, run two at a time by ``make test``
-(``--jobs 2``). It also reads every record in the folder and checks its key names this mlunlearn and
-torch. ``--all`` reruns every record (chapter 4's: about 12 minutes more; chapter 9's safety runs,
+Default: a subset (chapter 2's grid and its method comparison; chapter 3's unlearning runs, with the
+projector monitor and measurements; one learning rate of chapter 4's sweep, every variant, and one seed
+of its aggressive-rate comparison, with the projector monitor; the baseline scorecards chapters 5 and 6
+share), about 25 minutes of one core, run two at a time by ``make test`` (``--jobs 2``). It also reads
+every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns every
+record (chapter 4's: about 12 minutes more; chapter 9's safety runs,
 ``09_tiny-safety_*``: about 10 minutes each). Exit status 1 on any difference, with a diff of what differs.
 """
 
@@ -36,9 +37,10 @@ FOLDER = ROOT / "book" / "records"
 # Rechecked by default: chapter 2's learning-rate grid (18 short runs, probes only), chapter 4's sweep at
 # the rate where its variants differ most, one seed of its aggressive comparison (4 runs, full evaluation
 # and projector monitor), the baselines chapters 5 and 6 share (vanilla, GA, GradDiff, NPO, full
-# evaluation), and chapter 2's method comparison (6 runs, 7 full scorecards, about 7 minutes alone).
-DEFAULT = ["02_tiny_compare", "baselines_tiny_forget5_seed0", "02_tiny_sweep", "04_tiny_sweep_lr3e-03",
-           "04_tiny_compare_aggressive_seed0"]  # the longest first: two workers share the rest
+# evaluation), chapter 2's method comparison (6 runs, 7 full scorecards, about 7 minutes alone) and
+# chapter 3's runs (7 runs with the projector monitor, 8 full scorecards and measurements, about 5).
+DEFAULT = ["02_tiny_compare", "03_tiny_compare", "baselines_tiny_forget5_seed0", "02_tiny_sweep",
+           "04_tiny_sweep_lr3e-03", "04_tiny_compare_aggressive_seed0"]  # the longest first
 
 
 def describe(key: dict) -> str:

@@ -16,7 +16,8 @@ which Jacobian. This module measures three, plus how far the projector's outputs
    :func:`estimate_spectrum`, :func:`extreme_singular_values`, :func:`compare_with_exact`;
 5. the **cross-modal embedding drift** against a snapshot: :func:`snapshot_projector`, :func:`embedding_drift`;
 
-and :class:`ProjectorMonitor`, a ``transformers.TrainerCallback`` recording all of it during a run.
+and :class:`ProjectorMonitor`, a ``transformers.TrainerCallback`` recording all of it during a run, and
+:class:`ProjectorMeasure`, chapter 3's measure of a model before and after each run.
 
 Everything reads the projector's *effective* weights through :func:`effective_weight` (a plain
 ``nn.Linear``, a module exposing ``effective_weight()`` such as SineProject's ``W + sin(ω·ΔW)/ω``, or a
@@ -585,3 +586,37 @@ class ProjectorMonitor(TrainerCallback):
         import pandas as pd
 
         return pd.DataFrame(self.history)
+
+
+# -- 7. before and after a run (chapter 3's compare measure) ----------------------------------------------
+
+
+def median_spectrum(model, processor, images):
+    """The median over the tokens of ``images`` of the projector's input-Jacobian singular values
+    (descending, a float64 numpy array of ``min(out, in)`` values)."""
+    import numpy as np
+
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    feats = patch_features(model, pixels.to(model.device))
+    svals = singular_values(token_jacobians(get_projector(model), feats))
+    return np.median(svals.cpu().numpy(), 0)
+
+
+class ProjectorMeasure:
+    """A ``measure`` for :func:`mlunlearn.experiments.compare` (book chapter 3): called on the vanilla
+    model, then on each unlearned one, it appends :func:`median_spectrum` of ``images`` to
+    ``self.spectra`` and returns the loss Jacobian's condition number and effective rank
+    (:func:`parameter_jacobian_conditioning` on ``collate(processor, examples)``) as the row's
+    ``loss-J cond`` and ``loss-J eff. rank``. A ``compare`` run record with a ``measure`` spec
+    (:func:`mlunlearn.records.compare_key`) computes it and keeps the spectra."""
+
+    def __init__(self, processor, images, examples):
+        self.processor, self.images, self.examples = processor, list(images), list(examples)
+        self.spectra: list = []
+
+    def __call__(self, model) -> dict:
+        from mlunlearn.collate import collate
+
+        self.spectra.append(median_spectrum(model, self.processor, self.images))
+        loss_j = parameter_jacobian_conditioning(model, collate(self.processor, self.examples))
+        return {"loss-J cond": loss_j["condition"], "loss-J eff. rank": loss_j["effective_rank"]}
