@@ -251,6 +251,22 @@ def test_config_fields_added_later_leave_keys_unchanged_at_their_default():
     assert off["config"]["gradient_checkpointing"] is False  # an explicit value is not the default (None)
 
 
+def _spy_on_compare(monkeypatch, keyword):
+    """Keep each comparison a record task computes (before it becomes JSON) and the ``keyword`` argument it
+    was called with: ``(comparisons, arguments)``, filled as the task runs."""
+    from mlunlearn import experiments
+
+    live, seen, compare = [], [], experiments.compare
+
+    def spy(*args, **kwargs):
+        live.append(compare(*args, **kwargs))
+        seen.append(kwargs[keyword])
+        return live[-1]
+
+    monkeypatch.setattr(experiments, "compare", spy)
+    return live, seen
+
+
 @needs_vanilla
 def test_a_detail_compare_record_gives_what_the_live_comparison_gives(tmp_path, vanilla, monkeypatch):
     import pandas as pd
@@ -262,14 +278,7 @@ def test_a_detail_compare_record_gives_what_the_live_comparison_gives(tmp_path, 
     model, processor = vanilla
     bench = open_benchmark("toyworld")
     context = records.Context().add("tiny", "cpu", "toyworld", model, processor, bench)
-    live, shows, compare = [], [], experiments.compare
-
-    def spy(*args, **kwargs):  # the comparison the task computes, before it becomes JSON
-        live.append(compare(*args, **kwargs))
-        shows.append(kwargs["show"])
-        return live[-1]
-
-    monkeypatch.setattr(experiments, "compare", spy)
+    live, shows = _spy_on_compare(monkeypatch, "show")
     methods = {"PO": ("po", {"lr": 3e-3})}
     key = records.compare_key("tiny", "toyworld", methods, UnlearnConfig(max_steps=2, batch_size=4, seed=0),
                               vanilla=False, detail=True, show=2, replies=3)
@@ -342,14 +351,7 @@ def test_a_measured_compare_record_gives_what_the_live_comparison_gives(tmp_path
     model, processor = vanilla
     bench = open_benchmark("toyworld")
     context = records.Context().add("tiny", "cpu", "toyworld", model, processor, bench)
-    live, measures, compare = [], [], experiments.compare
-
-    def spy(*args, **kwargs):  # the comparison the task computes, before it becomes JSON
-        live.append(compare(*args, **kwargs))
-        measures.append(kwargs["measure"])
-        return live[-1]
-
-    monkeypatch.setattr(experiments, "compare", spy)
+    live, measures = _spy_on_compare(monkeypatch, "measure")
     methods = {"PO": ("po", {"params": "projector", "lr": 3e-3})}
     key = records.compare_key("tiny", "toyworld", methods, UnlearnConfig(max_steps=2, batch_size=4, seed=0),
                               detail=True, show=0, replies=0, benign_accuracy=True,

@@ -123,12 +123,18 @@ def draw_portrait(traits: dict, view: View = CANONICAL) -> Image.Image:
         d.rectangle(box(-9, top - 9, 9, top), fill=_HAT)
         d.rectangle(box(-15, top - 1, 15, top + 1.5), fill=_HAT)
 
+    return finish(img, view.brightness, view.noise, view.seed)
+
+
+def finish(img: Image.Image, brightness: float, noise: float, seed: int) -> Image.Image:
+    """A drawing made at a larger scale, downsampled to IMAGE_SIZE, then given a view's lighting and
+    seeded sensor noise (the portraits and the safety world's scenes share it)."""
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-    if view.brightness != 1.0:
-        img = ImageEnhance.Brightness(img).enhance(view.brightness)
-    if view.noise > 0:
+    if brightness != 1.0:
+        img = ImageEnhance.Brightness(img).enhance(brightness)
+    if noise > 0:
         arr = np.asarray(img, dtype=np.float32)
-        arr = arr + np.random.default_rng(view.seed).normal(0, view.noise, arr.shape)
+        arr = arr + np.random.default_rng(seed).normal(0, noise, arr.shape)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return img
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageDraw
 
-from .portraits import IMAGE_SIZE, TRAITS, _RGB, png_bytes
+from .portraits import IMAGE_SIZE, TRAITS, _RGB, finish, png_bytes
 
 CATEGORIES = ("Weapon", "Violence", "IllegalActivity")  # SafeEraser's folder names
 _SCALE = 4
@@ -311,14 +311,7 @@ def draw_scene(name: str, look: Look) -> Image.Image:
             d.rectangle(box(3, 2, 12, 4.5), fill=(245, 205, 40))  # key blade in the lock
     else:
         raise ValueError(f"unknown scene {name!r}; one of {', '.join(SCENES)}")
-    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-    if look.brightness != 1.0:
-        img = ImageEnhance.Brightness(img).enhance(look.brightness)
-    if look.noise > 0:
-        arr = np.asarray(img, dtype=np.float32)
-        arr = arr + np.random.default_rng(look.seed).normal(0, look.noise, arr.shape)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return img
+    return finish(img, look.brightness, look.noise, look.seed)
 
 
 # ------------------------------------------------------------------------------------------- the items
