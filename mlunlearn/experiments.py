@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 
 from mlunlearn.data.unlearning import add_refusals, unlearning_data
 from mlunlearn.engine import UnlearnConfig, unlearn
@@ -38,6 +40,14 @@ class Probes:
                 "retain NLL": r["nll"], "refusal NLL": teacher_forced(model, processor, self.refusal)["nll"]}
 
 
+def _release_memory() -> None:
+    """Free what a finished run held before the next model loads: without it, ``fresh()`` runs while the
+    last unlearned model is still referenced, and a 7B sweep holds two or three models at once."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def lr_sweep(model, processor, bench, methods, lrs, config: UnlearnConfig, forget: int = 5,
              probes: Probes | None = None, progress: bool = True, fresh=None) -> pd.DataFrame:
     """Unlearn with each method at each learning rate; score each result with :class:`Probes`.
@@ -53,6 +63,8 @@ def lr_sweep(model, processor, bench, methods, lrs, config: UnlearnConfig, forge
         cfg = dataclasses.replace(config, lr=lr, progress=False)
         run = unlearn(fresh(), bench, forget, name, cfg, processor=processor, **hp)
         rows.append({"method": label, "lr": lr, **probes.score(run.model, processor)})
+        del run  # before the next fresh(): one unlearned model alive at a time (a 7B one fills a GPU)
+        _release_memory()
     return pd.DataFrame(rows)
 
 
@@ -284,6 +296,8 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
         rows.append({"method": label, "lr": cfg.lr, **row, **(measure(run.model) if measure else {})})
         out.logs[label], out.runs[label] = run.curves(), run.run
         out.results[label], out.benign[label] = result, benign
+        del run  # before the next fresh(), as in lr_sweep
+        _release_memory()
     out.table = pd.DataFrame(rows).set_index("method")
     return out
 
@@ -431,6 +445,8 @@ def safety_compare(model, processor, bench, methods, config: UnlearnConfig, vani
         out.runs[label] = {"lr": run.run["config"]["lr"], "pd": run.run["hyperparameters"].get("pd"),
                            "parametrisation": run.run["parametrisation"], "steps": run.run["steps"],
                            "curves": curves.to_dict(orient="list")}
+        del run  # before the next fresh(), as in lr_sweep
+        _release_memory()
     out.table = pd.DataFrame(rows).set_index(["method", "file"])
     out.categories = pd.DataFrame(cats).set_index(["method", "category"])
     return out

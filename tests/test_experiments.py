@@ -46,3 +46,31 @@ def test_pick_lr_puts_forgetting_first():
     picks = pick_lr(sweep, max_forget=20)
     assert picks.loc["A", "lr"] == 1e-3 and picks.loc["A", "rule"].startswith("forgot")
     assert picks.loc["B", "lr"] == 1e-3 and picks.loc["B", "rule"].startswith("never forgot")
+
+
+@needs_vanilla
+def test_a_sweep_frees_each_run_before_it_loads_the_next():
+    """At 7B, ``fresh()`` reloads the model for every run: if the last unlearned model is still referenced
+    when it does, a sweep holds two or three models at once. Each fresh() call checks that no model it
+    handed out earlier is still alive."""
+    import copy
+    import gc
+    import weakref
+
+    from mlunlearn.engine import UnlearnConfig
+    from mlunlearn.experiments import lr_sweep
+
+    model, processor = load_model("tiny", device="cpu", dtype=torch.float32)
+    handed_out, alive_at_call = [], []
+
+    def fresh():
+        gc.collect()
+        alive_at_call.append(sum(ref() is not None for ref in handed_out))
+        copy_ = copy.deepcopy(model)
+        handed_out.append(weakref.ref(copy_))
+        return copy_
+
+    config = UnlearnConfig(max_steps=1, batch_size=2, progress=False)
+    sweep = lr_sweep(model, processor, open_benchmark("toyworld"), {"GA": ("ga", {})}, [1e-4, 1e-3, 1e-2], config, 5,
+                     progress=False, fresh=fresh)
+    assert len(sweep) == 3 and alive_at_call == [0, 0, 0]
