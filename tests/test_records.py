@@ -388,3 +388,26 @@ def test_a_measured_compare_record_gives_what_the_live_comparison_gives(tmp_path
             (r.group, r.in_forget, r.scores, r.reply) for r in theirs]
         assert sum(r.scores.get("accuracy", 0) for r in theirs) > 0
 
+
+
+def test_a_records_fresh_model_loads_as_the_chapters_model_was_loaded(monkeypatch):
+    """On a GPU a record reloads its model for every run: a model the chapter loaded in 4 bits must be
+    reloaded in 4 bits and the same dtype (chapter 4's grid on a T4), not at full precision."""
+    import types
+
+    import torch
+
+    import mlunlearn.models
+
+    calls = []
+    monkeypatch.setattr(mlunlearn.models, "load_model", lambda name, **kw: calls.append((name, kw)) or ("m", "p"))
+    quantized = types.SimpleNamespace(is_loaded_in_4bit=True, dtype=torch.float16)
+    plain = types.SimpleNamespace(dtype=torch.bfloat16)
+    context = records.Context().add("llava-hf/llava-1.5-7b-hf", "cuda:0", "toyworld", quantized, None, None)
+    context.add("llava-hf/llava-1.5-7b-hf", "cuda:0", "mllmu-bench", plain, None, None)
+    key = {"model": "llava-hf/llava-1.5-7b-hf", "device": "cuda:0"}
+    assert context.fresh({**key, "data": "toyworld"})() == "m"
+    context.fresh({**key, "data": "mllmu-bench"})()
+    assert calls == [("llava-hf/llava-1.5-7b-hf", {"device": "cuda:0", "dtype": torch.float16, "quantization": "4bit"}),
+                     ("llava-hf/llava-1.5-7b-hf", {"device": "cuda:0", "dtype": torch.bfloat16, "quantization": None})]
+    assert context.fresh({"model": "tiny", "device": "cpu", "data": "toyworld"}) is None  # a deep copy instead
