@@ -52,7 +52,7 @@ def _pixels(example) -> bytes:
 
 
 def run_continual(model, processor, rounds, method, hparams=None, config: UnlearnConfig | None = None,
-                  never=None, progress: bool = True):
+                  never=None, progress: bool = True, fresh=None):
     """Unlearn ``rounds`` in sequence with ``method`` (a name with ``hparams``); score after each round.
 
     Returns ``(table, model)``: one row per round (round 0 = before any) with the teacher-forced exact-match
@@ -60,11 +60,13 @@ def run_continual(model, processor, rounds, method, hparams=None, config: Unlear
     and on ``never`` (retain examples of people no round forgets; default: the last round's retain set,
     every 5th example); and the model after the last round. ``model`` itself is not modified. For a method
     with a null-space constraint the table also gives, per round, the number of images its covariance
-    protected and the input directions left free (summed over layers).
+    protected and the input directions left free (summed over layers). ``fresh``: a function giving the
+    untouched model the rounds start from (default: a deep copy of ``model``; at 7B, a reload, e.g. in 4 bits,
+    as :func:`mlunlearn.experiments.compare` takes it).
     """
     config = dataclasses.replace(config or UnlearnConfig(), progress=False)
     never = never if never is not None else rounds[-1].retain[::5]
-    current, protected = copy.deepcopy(model), []
+    current, protected = (fresh() if fresh else copy.deepcopy(model)), []
 
     def score(k, steps):
         row = {"round": k, "steps": steps}

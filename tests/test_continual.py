@@ -53,3 +53,20 @@ def test_earlier_rounds_forgotten_faces_join_the_protected_covariance(vanilla):
     # round 1 protects the 95 retained faces; round 2 the 90 still retained + round 1's 5 forgotten
     assert table.loc[1, "protected images"] == 95 and table.loc[2, "protected images"] == 95
     assert table["free dims"].notna().iloc[1:].all()
+
+
+def test_the_runner_starts_from_fresh_when_given_one(vanilla):
+    """At 7B the rounds start from a reload (``fresh``, e.g. in 4 bits), not a deep copy of the chapter's."""
+    import copy
+
+    rounds = continual_rounds("toyworld", (5, 10))
+    model, processor = vanilla
+    handed = []
+
+    def fresh():
+        handed.append(copy.deepcopy(model))
+        return handed[-1]
+
+    _, last = run_continual(model, processor, rounds, "ga", config=UnlearnConfig(lr=3e-3, max_steps=1),
+                            progress=False, fresh=fresh)
+    assert len(handed) == 1 and last is handed[0]  # the rounds trained the reloaded model itself
