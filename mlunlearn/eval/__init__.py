@@ -6,6 +6,14 @@ prompts, the scoring functions and ``EvalResult`` import without them.
 
 from mlunlearn.eval import prompts
 from mlunlearn.eval.results import EvalResult, Record
+from mlunlearn.eval.tofu import (
+    forget_quality_js,
+    forget_quality_ks,
+    normalised_probability,
+    option_probability,
+    truth_ratio,
+    truth_ratio_score,
+)
 from mlunlearn.eval.scoring import (
     REFUSAL_PHRASES,
     answer_matches,
@@ -32,6 +40,12 @@ __all__ = [
     "answer_matches",
     "clean_reply",
     "REFUSAL_PHRASES",
+    "truth_ratio",
+    "truth_ratio_score",
+    "normalised_probability",
+    "option_probability",
+    "forget_quality_ks",
+    "forget_quality_js",
 ]
 
 _LAZY = ("evaluate", "evaluate_benign", "generate_replies")
