@@ -24,8 +24,9 @@ def _add_model_and_data(p) -> None:
     p.add_argument("--model", default="tiny",
                    help="'tiny', 'tiny-safety', a Hugging Face id, or a local model folder (default: tiny)")
     p.add_argument("--data", default="toyworld",
-                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, or a safety benchmark: "
-                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder> (default: toyworld)")
+                   help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, a safety benchmark: "
+                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder>, or CLEAR (eval only): clear | "
+                        "clear:<folder> (default: toyworld)")
     p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
                    help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
                         "every harmful item of their train file")
@@ -51,6 +52,10 @@ def _add_eval(subparsers) -> None:
                    help="also measure benign-question accuracy and refusal rate; write them to PATH")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed for the test-view and one-shot choices, and for sampled safety replies (default: 0)")
+    clear = p.add_argument_group("CLEAR (clear, clear:<folder>; --forget 5 or 10 reads forget05 or forget10)")
+    clear.add_argument("--gold", default=None, metavar="RESULT",
+                       help="the CLEAR result JSON of a model trained on the retain set only; with it, forget "
+                            "quality (KS p-value, 1 - JS) is computed")
     safety = p.add_argument_group("safety benchmarks (toyworld-safety, safeeraser:, vlguard:)")
     safety.add_argument("--samples", type=_positive, default=None,
                         help="replies per harmful question: 1 = greedy (default), 3 = SafeEraser's seeded sampling")
@@ -246,6 +251,15 @@ def run_eval(args) -> int:
     # Why first of all: an output that cannot be written must fail now, not after the whole evaluation.
     _check_outputs(args)
     _check_options(args)
+    from mlunlearn.benchmarks.clear import is_clear_source, run_clear_eval
+
+    if is_clear_source(args.data):
+        return run_clear_eval(args)
+    if args.gold:
+        from mlunlearn.data import BenchmarkError
+
+        raise BenchmarkError(f"--gold applies to CLEAR only (--data clear or clear:<folder>); drop it for "
+                             f"--data {args.data}")
     if is_safety_source(args.data):
         return run_safety_eval(args)
     args.forget = 5 if args.forget is None else args.forget

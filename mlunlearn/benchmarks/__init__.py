@@ -11,7 +11,8 @@ A benchmark says what a run unlearns and how it is judged:
 Register a new one with :func:`register_benchmark` (a class with ``name`` and ``accepts(source)``);
 :func:`get_benchmark` turns a command-line ``--data`` string into an instance. MLLMU-Bench and the tiny
 synthetic world in its exact layout are the first (:mod:`mlunlearn.benchmarks.mllmu`); SafeEraser, VLGuard
-and the tiny safety world in SafeEraser's layout follow (:mod:`mlunlearn.benchmarks.safety`).
+and the tiny safety world in SafeEraser's layout follow (:mod:`mlunlearn.benchmarks.safety`), then CLEAR's
+evaluation (:mod:`mlunlearn.benchmarks.clear`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def as_benchmark(data) -> UnlearningBenchmark:
 
     if isinstance(data, UnlearningBenchmark):
         return data
+    from .clear import Clear, ClearFiles
+
+    if isinstance(data, ClearFiles):  # CLEAR's files are not MLLMU-Bench's layout
+        return Clear(data.name, files=data)
     if isinstance(data, Benchmark):
         return MLLMUBench(data.name, files=data)
     if isinstance(data, str):
@@ -88,8 +93,10 @@ def as_benchmark(data) -> UnlearningBenchmark:
                          "'toyworld' or the result of mlunlearn.data.open_benchmark")
 
 
-# Why safety first: its prefixes are exact, while MLLMU-Bench also takes any existing folder.
+# Why safety and CLEAR first: their prefixes are exact (CLEAR's folder check looks for forget01|05|10 and no
+# forget_5), while MLLMU-Bench also takes any existing folder.
 from . import safety  # noqa: E402,F401  (registers SafeEraser, the tiny safety world and VLGuard)
+from . import clear  # noqa: E402,F401  (registers CLEAR)
 from . import mllmu  # noqa: E402,F401  (registers MLLMU-Bench)
 
 __all__ = ["BENCHMARKS", "UnlearningBenchmark", "as_benchmark", "get_benchmark", "register_benchmark"]

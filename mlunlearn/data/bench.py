@@ -148,7 +148,8 @@ def _toyworld(seed: int) -> dict:
 
 
 def open_benchmark(source: str = "toyworld") -> Benchmark:
-    """Open ``toyworld[:seed]``, ``mllmu-bench``, ``mllmu-bench:<folder>`` or a folder in the hub layout."""
+    """Open ``toyworld[:seed]``, ``mllmu-bench``, ``mllmu-bench:<folder>``, a folder in the hub layout, or
+    ``clear`` / ``clear:<folder>`` (CLEAR's files, :func:`mlunlearn.benchmarks.clear.open_clear`)."""
     if source == "toyworld" or source.startswith("toyworld:"):
         seed = source.partition(":")[2] or "0"
         if not seed.isdigit():
@@ -156,6 +157,10 @@ def open_benchmark(source: str = "toyworld") -> Benchmark:
         return Benchmark(source, configs=_toyworld(int(seed)))
     if source == "mllmu-bench":
         return Benchmark(source, hub_id=HUB_ID)
+    if source == "clear" or source.startswith("clear:"):  # CLEAR's configs, checked against its columns
+        from mlunlearn.benchmarks.clear import open_clear
+
+        return open_clear(source)
     folder = Path(source.split(":", 1)[1] if source.startswith("mllmu-bench:") else source).expanduser()
     if not folder.is_dir():
         raise BenchmarkError(f"no benchmark folder at {folder}; use toyworld, mllmu-bench, or mllmu-bench:<folder> "
