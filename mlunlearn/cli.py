@@ -66,6 +66,8 @@ def _add_eval(subparsers) -> None:
                         help="score ROUGE-L precision against this model's greedy replies (default: the "
                              "dataset's own answers, as SafeEraser's script does)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
+    p.add_argument("--quantization", default=None, choices=("4bit",),
+                   help="load the model (and a --reference model) in 4 bits (GPU; bitsandbytes)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads for torch (default: 1, the fastest for the tiny model; raise it for a "
                         "large model on a many-core CPU)")
@@ -212,7 +214,7 @@ def run_unlearn(args) -> int:
     from mlunlearn.engine import UnlearnConfig, check_output, split_settings, unlearn
     from mlunlearn.methods import get_method
     from mlunlearn.models import load_model
-    from mlunlearn.utils import set_seed
+    from mlunlearn.utils import is_main_process, set_seed
 
     method_kw, engine_kw = split_settings(parse_settings(args.settings), args.method)
     method = get_method(args.method, **method_kw)  # bad values fail before anything loads
@@ -228,6 +230,8 @@ def run_unlearn(args) -> int:
     model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
     result = unlearn(model, bench, forget, method, config, output=args.output, processor=processor,
                      overwrite=args.overwrite)
+    if not is_main_process():  # a distributed launch: the first process wrote the folder and reports it
+        return 0
     run = result.run
     applied = ", ".join(f"{k}={v:g}" for k, v in run["defaults"]["applied"].items())
     print(f"{run['method']}: {run['steps']} steps in {run['seconds']['total']} s, "
@@ -270,7 +274,7 @@ def run_eval(args) -> int:
     check_images(build_queries(bench, args.forget, limit=args.limit, few_shot=args.few_shot, seed=args.seed))
     if args.benign:
         check_images(build_benign_queries(bench, args.forget, limit=args.limit, seed=args.seed))
-    model, processor = load_model(args.model, device=args.device)
+    model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
     options = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                    seed=args.seed, progress=not args.no_progress)
     result = evaluate(model, processor, bench, args.forget, few_shot=args.few_shot, **options)
@@ -358,8 +362,9 @@ def run_safety_eval(args) -> int:
         queries = bench.queries(split, limit=args.limit)
         check_images([_ImageQuery(q) for q in queries])
     judge = RuleJudge() if args.judge in (None, "rule") else ModelJudge.from_pretrained(args.judge, device=args.device)
-    model, processor = load_model(args.model, device=args.device)
-    reference = load_model(args.reference, device=args.device) if args.reference else None
+    model, processor = load_model(args.model, device=args.device, quantization=args.quantization)
+    reference = (load_model(args.reference, device=args.device, quantization=args.quantization)
+                 if args.reference else None)
     result = evaluate_safety(model, processor, bench, judge=judge, reference=reference, samples=args.samples or 1,
                              seed=args.seed, limit=args.limit, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, progress=not args.no_progress)

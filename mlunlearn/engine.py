@@ -246,8 +246,12 @@ class UnlearnTrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._terms:  # a training log: add the mean of each term since the last one
-            for k, v in self._terms.items():
-                logs[k if k != "loss" else "objective"] = sum(v) / len(v)
+            names = list(self._terms)
+            means = [sum(v) / len(v) for v in self._terms.values()]
+            if self.args.world_size > 1:  # data parallel: the mean over every process, as the Trainer's loss
+                means = self.accelerator.reduce(torch.tensor(means, device=self.args.device), "mean").tolist()
+            for k, v in zip(names, means):
+                logs[k if k != "loss" else "objective"] = v
             self._terms = {}
         super().log(logs, start_time)
 
@@ -400,7 +404,7 @@ def check_output(output, overwrite: bool = False, resume: bool = False) -> Path 
 
 def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config: UnlearnConfig | None = None,
             output: str | Path | None = None, processor=None, callbacks=None, overwrite: bool = False,
-            **hparams) -> UnlearnResult:
+            quantization: str | None = None, **hparams) -> UnlearnResult:
     """Unlearn ``forget_{forget}`` of ``data`` from ``model`` with ``method``.
 
     ``model``: a name for :func:`mlunlearn.models.load_model` or a loaded model (then pass ``processor``).
@@ -412,17 +416,27 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     checkpoints and ``run.json``; a folder that holds a run needs ``overwrite=True`` or ``config.resume``.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g.
     :class:`mlunlearn.analysis.ProjectorMonitor`). The loaded model is modified in place (pass a copy to
-    keep the original).
+    keep the original). ``quantization="4bit"``: load ``model``, a name, in 4 bits
+    (:func:`mlunlearn.models.load_model`; a loaded model keeps how it was loaded). A method's separate
+    reference model (NPO's ``reference="<folder>"``) loads as the model was loaded: same device, dtype and
+    quantization (:func:`mlunlearn.models.loading.load_settings`).
+
+    Under a distributed launch (``accelerate launch``/``torchrun``, several processes) every process trains
+    its share of each batch (data parallel) and only the first writes ``output``.
     """
     from mlunlearn.benchmarks import as_benchmark
     from mlunlearn.models import load_model
+    from mlunlearn.models.loading import load_settings
 
     config = (config or UnlearnConfig()).check()
     method = method if isinstance(method, Method) else get_method(method, **hparams)
     out = check_output(output, overwrite, config.resume)
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
     if isinstance(model, str):
-        model, processor = load_model(model)
+        model, processor = load_model(model, quantization=quantization)
+    elif quantization is not None:
+        raise MethodError(f"quantization={quantization!r} applies when model is a name; a loaded model keeps how it "
+                          f"was loaded: load it with load_model(..., quantization={quantization!r})")
     elif processor is None:
         raise MethodError("pass processor=... together with a loaded model")
     check_llava(model)
@@ -439,7 +453,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
     examples = prepare_data(method, bench, forget, model.eval(), processor)
     separate = None
     if method.uses_reference() and getattr(method, "reference", "vanilla") != "vanilla":
-        separate, _ = load_model(method.reference, device=str(device))
+        # Why the model's own settings: a 4-bit model's reference at full precision would not fit beside it.
+        separate, _ = load_model(method.reference, **load_settings(model))
     parametrisation = method.parametrisation()
     model = parametrisation.apply(model)
     reference = parametrisation.reference(model, separate) if method.uses_reference() else None
@@ -515,6 +530,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         "parametrisation": parametrisation.name,
         "reference": reference.kind if reference else None,
         "steps": trainer.state.global_step,
+        "processes": args.world_size,  # > 1: a distributed launch, each step on world_size x batch_size pairs
         "resumed_from": Path(resume).name if resume else None,
         "seconds": {"total": round(time.time() - t0, 2),
                     "train": round(sum(timing.step_seconds), 2),
@@ -523,9 +539,11 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         "log": log,
     }
     run["saved"] = ("model" if merged else STATE_FILE) if out is not None else None
-    if out is not None:
+    if out is not None and trainer.is_world_process_zero():  # one writer under a distributed launch
         save_run(model, processor, run, out, progress=config.progress, merged=merged,
                  parametrisation=parametrisation)
+    if args.world_size > 1:  # every process returns once the folder is whole
+        trainer.accelerator.wait_for_everyone()
     return UnlearnResult(model, processor, log, run)
 
 

@@ -39,10 +39,52 @@ def progress_bar(iterable, desc: str, progress: bool = True, **kwargs):
     return tqdm(iterable, desc=desc, disable=not progress_enabled(progress), **kwargs)
 
 
+def launched_processes() -> int:
+    """How many processes a distributed launch started (``WORLD_SIZE``, set by ``accelerate launch`` and
+    ``torchrun``); 1 for a plain ``python``/``mlunlearn`` run."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def local_rank() -> int | None:
+    """This process's index on its machine (``LOCAL_RANK``) under a distributed launch of several
+    processes, else ``None``."""
+    if launched_processes() < 2:
+        return None
+    try:
+        return int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):
+        return None
+
+
+def is_main_process() -> bool:
+    """True except in the processes of a distributed launch other than the first (``RANK`` > 0): the one
+    process that writes the run's files and prints."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def process_device(device: str) -> str:
+    """``device`` for this process: under a distributed launch ``cuda`` (no index) becomes
+    ``cuda:<LOCAL_RANK>``, so each process loads its model onto its own GPU (not every one onto GPU 0,
+    where the Trainer would find a quantized model it cannot move). A launcher that shows each process only
+    its own GPU (``CUDA_VISIBLE_DEVICES`` per process: one device visible) keeps ``cuda``. Other devices,
+    and an explicit ``cuda:N``, are returned as given."""
+    rank = local_rank()
+    if device != "cuda" or rank is None or not torch.cuda.is_available():
+        return device
+    return f"cuda:{rank}" if rank < torch.cuda.device_count() else device
+
+
 def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``mps`` on Apple silicon, else ``cpu``."""
+    """``cuda`` when a GPU is visible (``cuda:<LOCAL_RANK>`` under a distributed launch:
+    :func:`process_device`), else ``mps`` on Apple silicon, else ``cpu``."""
     if torch.cuda.is_available():
-        return "cuda"
+        return process_device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
@@ -53,6 +95,50 @@ def default_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the package is installed from (Colab): named once, in pyproject.toml's [project.urls]
+# ----------------------------------------------------------------------------------------------------
+
+SOURCE_URL_LABEL = "Repository"  # the [project.urls] entry pip installs the package from (git+<url>)
+
+
+def package_source() -> str:
+    """The repository the package is installed from: ``[project.urls] Repository`` of ``pyproject.toml``.
+
+    Read from the installed metadata (``Project-URL: Repository, <url>``). Why the fallback to the
+    ``pyproject.toml`` beside the package: an editable install made before the entry existed has metadata
+    without it until it is reinstalled (``make`` reinstalls when ``pyproject.toml`` changes)."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.distribution("mlunlearn").metadata.get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip() == SOURCE_URL_LABEL and url.strip():
+            return url.strip()
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        url = tomllib.loads(pyproject.read_text()).get("project", {}).get("urls", {}).get(SOURCE_URL_LABEL)
+        if url:
+            return url
+    raise RuntimeError(f"mlunlearn's metadata names no [project.urls] {SOURCE_URL_LABEL}; reinstall the package")
+
+
+def install_requirement(extras: str = "analysis,gpu") -> str:
+    """The pip requirement that installs this package with ``extras`` from its repository, e.g.
+    ``mlunlearn[analysis,gpu] @ git+https://github.com/…`` (what every chapter's Colab cell installs)."""
+    return f"mlunlearn[{extras}] @ git+{package_source()}" if extras else f"mlunlearn @ git+{package_source()}"
+
+
+def install_command(extras: str = "analysis,gpu") -> str:
+    """The shell command that installs the package on Colab: ``pip install -q "<install_requirement>"``."""
+    return f'pip install -q "{install_requirement(extras)}"'
 
 
 # ----------------------------------------------------------------------------------------------------

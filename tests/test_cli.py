@@ -133,3 +133,41 @@ def test_eval_runs_on_a_saved_model_folder(tmp_path, capsys):
     # No Benign_VQA in this folder: generic questions, refusal rate only.
     assert set(benign["overall"]) == {"refusal_rate", "n"}
     assert set(benign["by_group"]) == {"fictitious"}
+
+
+# -- eval --quantization 4bit ------------------------------------------------------------------------------
+
+
+def test_eval_4bit_on_the_cpu_is_a_one_line_error(tmp_path, capsys):
+    """As for unlearn: 4 bits need a CUDA GPU (bitsandbytes); on the CPU one line says so, and no file."""
+    code, _, err = _run_cli(capsys, "--quantization", "4bit", "--device", "cpu", "--limit", "1",
+                            "--output", str(tmp_path / "r.json"))
+    _assert_one_line_error(code, err, "quantization='4bit' needs a CUDA GPU", "drop --quantization")
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(SystemExit) as exit_info:  # 4bit is the only setting
+        main(["eval", "--quantization", "8bit"])
+    assert exit_info.value.code == 2
+
+
+@needs_vanilla
+@pytest.mark.parametrize("data,extra", [("toyworld", []), ("toyworld-safety", ["--reference", "tiny"])])
+def test_eval_loads_the_model_and_its_reference_in_4bit(tmp_path, capsys, monkeypatch, data, extra):
+    """--quantization 4bit reaches load_model for the evaluated model and, on a safety benchmark, for the
+    --reference model too (load_model is replaced by a recorder that stops at the first load that would need
+    a GPU: here the reference, or the model on MLLMU-Bench data)."""
+    from mlunlearn.models import ModelLoadError, load_model
+
+    calls = []
+
+    def recorder(name, device=None, dtype=None, quantization=None, **kw):
+        calls.append((name, quantization))
+        if name == "tiny" and quantization is not None:
+            raise ModelLoadError("stopped by the test")
+        return load_model(name, device=device, dtype=dtype, **kw)
+
+    monkeypatch.setattr("mlunlearn.models.load_model", recorder)
+    model = "tiny-safety" if data == "toyworld-safety" else "tiny"
+    code, _, err = _run_cli(capsys, "--model", model, "--data", data, "--quantization", "4bit", "--limit", "1",
+                            *extra, "--output", str(tmp_path / "r.json"))
+    _assert_one_line_error(code, err, "stopped by the test")
+    assert calls == [(model, "4bit"), *([("tiny", "4bit")] if extra else [])]

@@ -222,3 +222,144 @@ def test_a_trained_projector_of_an_fp32_model_is_untouched(vanilla):
     model = copy.deepcopy(vanilla[0])
     model = get_method("ga", params="projector").parametrisation().apply(model)
     assert not model.model.multi_modal_projector._forward_pre_hooks  # no cast, no copy: the tiny path as before
+
+
+# -- 4-bit asked for in the Python API; the reference model loaded as the trained one ---------------------
+
+
+class _LoadSpy:
+    """Stands in for ``mlunlearn.models.load_model``: records each call's arguments, then either loads the
+    model for real (``then="load"``) or stops the run with a sentinel error (``then="stop"``)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, then="load"):
+        from mlunlearn.models import load_model
+
+        self.real, self.then, self.calls, self.loaded = load_model, then, [], []
+
+    def __call__(self, name, device=None, dtype=None, quantization=None, **kw):
+        self.calls.append({"name": name, "device": device, "dtype": dtype, "quantization": quantization})
+        if self.then == "stop":
+            raise self.Stop(name)
+        model, processor = self.real(name, device=device, dtype=dtype, **kw)
+        self.loaded.append(model)
+        return model, processor
+
+
+def _as_if_4bit(model, compute_dtype=torch.bfloat16):
+    """Mark ``model`` as transformers marks a bitsandbytes 4-bit model (bitsandbytes is not installed here):
+    ``is_loaded_in_4bit`` and the config's quantization_config, as load_model would have passed it."""
+    from mlunlearn.models.loading import quantization_kwargs
+
+    model.is_loaded_in_4bit = True
+    model.config.quantization_config = quantization_kwargs("4bit", compute_dtype, "cpu")["quantization_config"]
+    return model
+
+
+def test_load_settings_reads_device_dtype_and_4bit_from_a_loaded_model(vanilla):
+    from mlunlearn.models.loading import ModelLoadError, load_settings
+
+    model = copy.deepcopy(vanilla[0])
+    assert load_settings(model) == {"device": "cpu", "dtype": torch.float32, "quantization": None}
+    assert load_settings(model.to(torch.bfloat16))["dtype"] == torch.bfloat16
+    assert load_settings(_as_if_4bit(model, torch.float16)) == {"device": "cpu", "dtype": torch.float16,
+                                                                "quantization": "4bit"}
+    model.config.quantization_config = model.config.quantization_config.to_dict()  # as read from a config.json
+    assert load_settings(model)["dtype"] == torch.float16
+    other = copy.deepcopy(vanilla[0])
+    other.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(ModelLoadError, match=r"quantized \(gptq\).*load_model\(\.\.\., quantization='4bit'\)"):
+        load_settings(other)
+
+
+def test_npo_reference_folder_loads_in_the_trained_models_dtype(vanilla, monkeypatch):
+    """A bf16 model's NPO reference="<folder>" loads in bf16 on the model's device (it loaded in fp32, the
+    CPU default, before), and the run trains against it as a separate model."""
+    from mlunlearn.models import ASSET_DIR
+
+    spy = _LoadSpy()
+    monkeypatch.setattr("mlunlearn.models.load_model", spy)
+    model, processor = vanilla
+    result = unlearn(copy.deepcopy(model).to(torch.bfloat16), "toyworld", 5, "npo",
+                     UnlearnConfig(lr=1e-3, max_steps=1, batch_size=2, progress=False), processor=processor,
+                     reference=str(ASSET_DIR))
+    assert spy.calls == [{"name": str(ASSET_DIR), "device": "cpu", "dtype": torch.bfloat16, "quantization": None}]
+    assert spy.loaded[0].dtype == torch.bfloat16
+    assert result.run["reference"] == "separate model" and result.run["steps"] == 1
+
+
+@pytest.mark.parametrize("method,hp", [("npo", {}), ("npo", {"params": "lora+projector"})])
+def test_a_4bit_models_npo_reference_is_loaded_in_4bit(vanilla, monkeypatch, method, hp):
+    """The reference of a 4-bit model is asked for in 4 bits, with the model's compute dtype and device
+    (before: full precision, +13 GiB beside LLaVA-1.5-7B on a T4). Without a GPU the real load_model then
+    refuses 4 bits in one line: the same settings reach it."""
+    from mlunlearn.models import ASSET_DIR, ModelLoadError
+
+    model, processor = vanilla
+    config = UnlearnConfig(lr=1e-3, max_steps=1, batch_size=2, progress=False)
+    spy = _LoadSpy(then="stop")
+    monkeypatch.setattr("mlunlearn.models.load_model", spy)
+    with pytest.raises(_LoadSpy.Stop):
+        unlearn(_as_if_4bit(copy.deepcopy(model)), "toyworld", 5, method, config, processor=processor,
+                reference=str(ASSET_DIR), **hp)
+    assert spy.calls == [{"name": str(ASSET_DIR), "device": "cpu", "dtype": torch.bfloat16, "quantization": "4bit"}]
+    monkeypatch.setattr("mlunlearn.models.load_model", spy.real)
+    with pytest.raises(ModelLoadError, match="quantization='4bit' needs a CUDA GPU"):
+        unlearn(_as_if_4bit(copy.deepcopy(model)), "toyworld", 5, method, config, processor=processor,
+                reference=str(ASSET_DIR), **hp)
+
+
+def test_unlearn_by_name_loads_in_4bit_when_asked(monkeypatch):
+    """unlearn("<name>", quantization="4bit") loads the model in 4 bits; a model already loaded cannot be
+    re-quantized (one line naming load_model); on the CPU the real load is the one-line GPU error."""
+    from mlunlearn.models import ModelLoadError
+
+    spy = _LoadSpy(then="stop")
+    monkeypatch.setattr("mlunlearn.models.load_model", spy)
+    with pytest.raises(_LoadSpy.Stop):
+        unlearn("llava-hf/llava-1.5-7b-hf", "toyworld", 5, "ga", UnlearnConfig(max_steps=1), quantization="4bit")
+    assert spy.calls == [{"name": "llava-hf/llava-1.5-7b-hf", "device": None, "dtype": None, "quantization": "4bit"}]
+    with pytest.raises(_LoadSpy.Stop):
+        unlearn("tiny", "toyworld", 5, "ga", UnlearnConfig(max_steps=1))
+    assert spy.calls[-1]["quantization"] is None
+    monkeypatch.setattr("mlunlearn.models.load_model", spy.real)
+    with pytest.raises(ModelLoadError, match="quantization='4bit' needs a CUDA GPU"):
+        unlearn("tiny", "toyworld", 5, "ga", UnlearnConfig(max_steps=1), quantization="4bit")
+    with pytest.raises(MethodError, match=r"a loaded model keeps how it was loaded: load it with load_model\("):
+        unlearn(torch.nn.Linear(1, 1), "toyworld", 5, "ga", quantization="4bit", processor=object())
+
+
+# -- the package source, named once -------------------------------------------------------------------------
+
+
+def test_every_chapter_installs_from_the_pyproject_repository():
+    """pyproject.toml's [project.urls] Repository is where the package installs from: install_command()
+    builds the pip line from it, and every chapter's Colab cell and the book's _config.yml must name it."""
+    import json
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from mlunlearn.utils import install_command, install_requirement, package_source
+
+    root = Path(__file__).resolve().parent.parent
+    url = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert package_source() == url
+    assert install_requirement() == f"mlunlearn[analysis,gpu] @ git+{url}"
+    assert install_command("gpu") == f'pip install -q "mlunlearn[gpu] @ git+{url}"'
+    wrong = {}
+    chapters = sorted((root / "book").glob("*.ipynb"))
+    assert len(chapters) >= 9
+    for chapter in chapters:
+        cells = json.loads(chapter.read_text())["cells"]
+        sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        installs = [source for source in sources if "pip install" in source]
+        assert len(installs) == 1, f"{chapter.name}: {len(installs)} install cells"
+        packages = re.findall(r'PACKAGE = "([^"]+)"', installs[0])
+        if packages != [install_requirement()]:
+            wrong[chapter.name] = packages or installs[0]
+    assert not wrong, f"chapters whose Colab cell does not install {install_requirement()!r}: {wrong}"
+    config = (root / "_config.yml").read_text()
+    assert re.search(rf"^\s*url:\s*{re.escape(url)}\s*$", config, re.M), "_config.yml's repository url differs"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from mlunlearn.utils import default_device, default_dtype
+from mlunlearn.utils import default_device, default_dtype, process_device
 
 TINY = "tiny"
 TINY_SAFETY = "tiny-safety"  # the tiny model that complies with the safety world (models/safety.py)
@@ -156,12 +156,14 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
 
     ``name``: ``"tiny"`` (the vanilla tiny model shipped with the package), ``"tiny-safety"`` (the tiny
     model that complies with the safety world's harmful requests), a local folder, or a Hugging Face id.
-    ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`).
+    ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`). Under a
+    distributed launch (``accelerate launch``, ``torchrun``) ``cuda`` means this process's GPU,
+    ``cuda:<LOCAL_RANK>`` (:func:`mlunlearn.utils.process_device`).
     ``quantization="4bit"`` loads NF4 weights with bitsandbytes (GPU only; for 16 GB cards); the vision
     tower, projector and LM head stay in ``dtype`` (:func:`quantization_kwargs`).
     ``attn_implementation="eager"`` is needed to read attention maps.
     """
-    device = check_device(device) if device else default_device()
+    device = check_device(process_device(device)) if device else default_device()
     dtype = dtype or default_dtype(device)
     local = None  # the folder to check before loading, when the model is on disk
     if name == TINY:
@@ -232,6 +234,29 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     if quantization is None:
         model = model.to(device)
     return model.eval(), processor
+
+
+def load_settings(model) -> dict:
+    """How ``model`` was loaded, as :func:`load_model` arguments: ``{"device", "dtype", "quantization"}``.
+
+    For a second model that must sit beside it on the same terms (NPO's ``reference="<folder>"``): a 4-bit
+    model's reference in 4 bits on the same GPU, not in full precision (+13 GiB for LLaVA-1.5-7B). A 4-bit
+    model's ``dtype`` is its compute dtype (the one its unquantized parts are in). Another quantization
+    (8-bit, GPTQ, ...) is a :class:`ModelLoadError`: load_model cannot reproduce it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = str(next(base.parameters()).device)
+    config = getattr(base.config, "quantization_config", None)
+    if getattr(base, "is_loaded_in_4bit", False):
+        dtype = getattr(config, "bnb_4bit_compute_dtype", None)
+        if isinstance(config, dict):
+            dtype = config.get("bnb_4bit_compute_dtype")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return {"device": device, "dtype": dtype or torch.float32, "quantization": "4bit"}
+    if config is not None:
+        kind = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
+        raise ModelLoadError(f"the model is quantized ({kind}) in a way load_model cannot repeat for a second "
+                             "model; fix: load it with load_model(..., quantization='4bit') or unquantized")
+    return {"device": device, "dtype": base.dtype, "quantization": None}
 
 
 def _first_line(exc: BaseException, width: int = 120) -> str:
