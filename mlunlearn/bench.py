@@ -13,8 +13,22 @@ and writes, atomically, ``runs/<method>/forget<f>_seed<s>/run.json`` (the engine
 crash or ``kill`` the same call skips it and computes only the rest. ``bench.json`` holds the grid's spec;
 another spec in the same folder is refused (use a new folder or ``overwrite``).
 
-After the grid: ``leaderboard.csv`` (one row per cell, the headline metrics as columns),
-``leaderboard_mean.csv`` (mean and std over seeds) and ``tradeoff.png`` (forget vs retain per method).
+"Does it stay forgotten?" (issue 13), on MLLMU-Bench-style data, each on by default (cheap on the tiny model:
+about 1 s, 5-10 s and 10-20 s per cell) and written before ``result.json``:
+
+- ``mia.json`` (``mia``): membership inference, forget people vs held-out people never trained on
+  (:mod:`mlunlearn.eval.mia`: LOSS, zlib, Min-k%, Min-k%++ AUCs); only where the data has held-out people
+  (the synthetic world; a folder with a ``Holdout_Data`` config), never the hub MLLMU-Bench;
+- ``relearn.json`` (``relearn``): the relearning attack (:mod:`mlunlearn.relearn`): ``relearn_steps`` steps
+  of NLL descent on ``relearn_fraction`` of the forget people, at the cell's learning rate, then the
+  protocol's forget mode on the others, before and after (the vanilla row relearns a copy of the vanilla);
+- ``benign.json`` (``benign``): :func:`mlunlearn.eval.evaluate_benign`, ``benign_limit`` questions per image
+  group and forget membership, sampled over people, views and questions.
+
+After the grid: ``leaderboard.csv`` (one row per cell, the headline metrics as columns: the evaluation's,
+then ``mia_*_auc``, ``privleak``, ``heldback_forget_*`` / ``relearned_forget_*`` and ``benign_*``),
+``leaderboard_mean.csv`` (mean and std over seeds), ``tradeoff.png`` (forget vs retain per method) and
+``benign.png`` (benign accuracy and refusal rate per method, on the forget people's images and the others).
 Evaluations use seed 0 for their own random choices (the test views), so every cell answers the same
 questions; the seed of a cell is the unlearning run's.
 """
@@ -32,7 +46,7 @@ from pathlib import Path
 from mlunlearn.methods import MethodError
 
 __all__ = ["GridError", "GridSpec", "Cell", "run_grid", "leaderboard", "mean_leaderboard", "plot_tradeoff",
-           "mllmu_headline", "safety_headline", "parse_list", "resolve_settings"]
+           "plot_benign", "mllmu_headline", "safety_headline", "extras_headline", "parse_list", "resolve_settings"]
 
 FORGET_SIZES = (5, 10, 15)
 SAFETY_FORGET = "train"  # a safety benchmark's one forget request: every harmful item of its train file
@@ -44,7 +58,10 @@ GRID_OWNED = {"seed": "give the seeds with --seeds (e.g. --seeds 0,1)",
 MODE_PREFIX = {"forget": "forget", "test": "test", "retain_shared": "retain", "retain_celebrity": "celebrity"}
 BENCH_FILE, BOARD_FILE, MEAN_FILE, FIGURE_FILE, RUNS = ("bench.json", "leaderboard.csv", "leaderboard_mean.csv",
                                                         "tradeoff.png", "runs")
-WRITTEN = (BENCH_FILE, BOARD_FILE, MEAN_FILE, FIGURE_FILE, RUNS)  # what a grid writes in its folder
+BENIGN_FIGURE = "benign.png"
+WRITTEN = (BENCH_FILE, BOARD_FILE, MEAN_FILE, FIGURE_FILE, BENIGN_FIGURE, RUNS)  # what a grid writes in its folder
+MIA_FILE, RELEARN_FILE, BENIGN_FILE = "mia.json", "relearn.json", "benign.json"  # a cell's, beside result.json
+BENIGN_LIMIT = 40  # benign questions per (image group, in the forget set) cell
 
 
 class GridError(MethodError):
@@ -81,6 +98,11 @@ class GridSpec:
     setting (``lr``, ``max_steps``, ...) for every method, ``METHOD.KEY`` for one method, and a bare
     hyper-parameter key for every method when each of them takes it. ``limit``, ``batch_size`` and
     ``max_new_tokens`` are the evaluation's options (as in ``mlunlearn eval``).
+
+    ``mia``, ``relearn``, ``benign``: the extra evaluations of each cell (see the module). ``None`` (the
+    default): on wherever they apply (MLLMU-Bench-style data; ``mia`` only with held-out people); ``True``
+    where they do not apply is a :class:`GridError`; ``False``: off. ``relearn_steps``,
+    ``relearn_fraction`` and ``benign_limit`` configure them.
     """
 
     model: str = "tiny"
@@ -92,6 +114,12 @@ class GridSpec:
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int = 50
+    mia: bool | None = None
+    relearn: bool | None = None
+    benign: bool | None = None
+    relearn_steps: int = 10
+    relearn_fraction: float = 0.2
+    benign_limit: int = BENIGN_LIMIT
 
     def __post_init__(self):
         from mlunlearn.benchmarks.safety import is_safety_source
@@ -126,6 +154,36 @@ class GridSpec:
                 raise GridError(f"{name}={value!r}: must be an integer of at least 1")
         self.settings = {str(k).strip(): v for k, v in dict(self.settings).items()}
         self.resolved = resolve_settings(self.methods, self.settings)
+        self._resolve_extras()
+
+    def _resolve_extras(self) -> None:
+        """``mia`` / ``relearn`` / ``benign``: None → on where they apply; asked for where they cannot → error."""
+        from mlunlearn.eval.mia import has_nonmembers
+
+        for name in ("relearn_steps", "benign_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GridError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least 1")
+        if isinstance(self.relearn_fraction, bool) or not isinstance(self.relearn_fraction, (int, float)) \
+                or not 0 < self.relearn_fraction < 1:
+            raise GridError(f"--relearn-fraction {self.relearn_fraction!r}: must be between 0 and 1 (e.g. 0.2: a "
+                            "fifth of the forget people are relearned, the others evaluated)")
+        self.relearn_fraction = float(self.relearn_fraction)
+        for name in ("mia", "relearn", "benign"):
+            value = getattr(self, name)
+            if value not in (None, True, False):
+                raise GridError(f"{name}={value!r}: use True, False or None (on where it applies)")
+            if self.safety:
+                if value:
+                    raise GridError(f"--{name} does not apply to --data {self.data}: a safety benchmark has no forget "
+                                    f"people; drop it (or pass --no-{name})")
+                setattr(self, name, False)
+            elif value is None:
+                setattr(self, name, name != "mia" or has_nonmembers(self.data))
+        if self.mia and not has_nonmembers(self.data):
+            raise GridError(f"--mia needs people the model never saw, and --data {self.data} has none (MLLMU-Bench "
+                            "fine-tuned all its people); add a Holdout_Data config (ft_Data's columns) to the "
+                            "folder, or pass --no-mia")
 
     @property
     def safety(self) -> bool:
@@ -137,6 +195,9 @@ class GridSpec:
         spec["settings"] = {k: str(v) for k, v in sorted(self.settings.items())}
         spec["eval"] = {k: spec.pop(k) for k in ("limit", "batch_size", "max_new_tokens")}
         spec["eval"]["seed"] = 0
+        steps, fraction, limit = (spec.pop(k) for k in ("relearn_steps", "relearn_fraction", "benign_limit"))
+        spec["relearn"] = {"steps": steps, "fraction": fraction} if self.relearn else False
+        spec["benign"] = {"limit": limit} if self.benign else False
         return spec
 
     def cells(self) -> list:
@@ -292,6 +353,8 @@ def run_grid(spec: GridSpec, output, *, overwrite: bool = False, keep_models: bo
     _write_csv(out / BOARD_FILE, board)
     _write_csv(out / MEAN_FILE, mean_leaderboard(board))
     plot_tradeoff(board, out / FIGURE_FILE, safety=spec.safety)
+    if spec.benign:
+        plot_benign(board, out / BENIGN_FIGURE)
     return board
 
 
@@ -332,11 +395,44 @@ def _open_data(spec: GridSpec):
     from mlunlearn.data.unlearning import unlearning_data
     from mlunlearn.eval.protocol import build_queries, check_images
 
+    from mlunlearn.eval.mia import nonmember_examples
+    from mlunlearn.eval.protocol import build_benign_queries
+    from mlunlearn.relearn import relearn_split
+
     bench = open_benchmark(spec.data)
     for forget in spec.forget:
         check_images(build_queries(bench, forget, limit=spec.limit, seed=0))
-        unlearning_data(bench, forget)
+        data = unlearning_data(bench, forget)
+        if spec.relearn:
+            try:
+                relearn_split(data.forget_ids, spec.relearn_fraction)
+            except MethodError as err:
+                raise GridError(f"--forget {forget}: {err}") from None
+        if spec.benign:
+            check_images(build_benign_queries(_SampledBenign(bench), forget, limit=spec.benign_limit, seed=0))
+    if spec.mia:
+        bench.nonmembers = nonmember_examples(bench)  # drawn once for every cell
     return bench
+
+
+class _SampledBenign:
+    """The benchmark with its ``Benign_VQA`` rows in a fixed shuffled order, so that ``benign_limit``
+    questions per cell are a sample over people, views and questions (not the first person's)."""
+
+    def __init__(self, bench):
+        self.bench, self.name = bench, getattr(bench, "name", "benchmark")
+
+    def has(self, config: str) -> bool:
+        return self.bench.has(config)
+
+    def load(self, config: str) -> list:
+        import random
+
+        rows = self.bench.load(config)
+        if config == "Benign_VQA":
+            rows = list(rows)
+            random.Random("bench-benign").shuffle(rows)
+        return rows
 
 
 class _ImageQuery:
@@ -365,16 +461,54 @@ def run_cell(spec: GridSpec, cell: Cell, out: Path, bench, models, keep_models: 
         model, run = result.model, dict(result.run)
     t1 = time.time()
     result = _evaluate(spec, model, processor, bench, cell.forget)
-    run["bench"] = {"cell": cell.folder, "settings": {k: str(v) for k, v in spec.settings.items()},
-                    "eval_seconds": round(time.time() - t1, 2)}
+    seconds = {"eval_seconds": round(time.time() - t1, 2)}
+    for name, extra in (("mia", _mia), ("benign", _benign), ("relearn", _relearn)):  # relearn last: it trains
+        if getattr(spec, name):
+            t1 = time.time()
+            extra(spec, cell, folder, bench, model, processor, models, run)
+            seconds[f"{name}_seconds"] = round(time.time() - t1, 2)
+    run["bench"] = {"cell": cell.folder, "settings": {k: str(v) for k, v in spec.settings.items()}, **seconds}
     _write_json(folder / "run.json", run)
     result.save_json(folder / "result.json")  # last: a cell with a result.json is done
     return time.time() - t0
 
 
+def _eval_options(spec: GridSpec) -> dict:
+    return dict(batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, limit=spec.limit, seed=0,
+                progress=False)
+
+
+def _mia(spec, cell, folder, bench, model, processor, models, run) -> None:
+    from mlunlearn.eval.mia import evaluate_mia
+
+    _write_json(folder / MIA_FILE, evaluate_mia(model, processor, bench, cell.forget, nonmembers=bench.nonmembers))
+
+
+def _benign(spec, cell, folder, bench, model, processor, models, run) -> None:
+    from mlunlearn.eval.protocol import evaluate_benign
+
+    options = {**_eval_options(spec), "limit": spec.benign_limit}
+    result = evaluate_benign(model, processor, _SampledBenign(bench), cell.forget, **options)
+    _write_json(folder / BENIGN_FILE, result.to_benign())
+
+
+def _relearn(spec, cell, folder, bench, model, processor, models, run) -> None:
+    """The relearning attack on this cell's model (the vanilla row: on a fresh copy, the family's lr)."""
+    from mlunlearn.relearn import relearning_attack
+
+    if cell.method == "vanilla":
+        model, processor = models.fresh()
+        lr = batch_size = None
+    else:
+        lr, batch_size = run["config"]["lr"], run["config"]["batch_size"]
+    attack = relearning_attack(model, processor, bench, cell.forget, fraction=spec.relearn_fraction,
+                               steps=spec.relearn_steps, lr=lr, batch_size=batch_size, seed=cell.seed or 0,
+                               eval_options=_eval_options(spec))
+    _write_json(folder / RELEARN_FILE, attack)
+
+
 def _evaluate(spec: GridSpec, model, processor, bench, forget):
-    options = dict(batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, limit=spec.limit, seed=0,
-                   progress=False)
+    options = _eval_options(spec)
     if spec.safety:
         from mlunlearn.eval.safety import RuleJudge, evaluate_safety
 
@@ -433,6 +567,32 @@ def safety_headline(result: dict, files: dict | None = None) -> dict:
     return row
 
 
+def extras_headline(folder) -> dict:
+    """The columns of a cell's ``mia.json``, ``relearn.json`` and ``benign.json`` (those it has):
+    ``mia_<attack>_auc`` and ``privleak`` (Min-k%'s, against AUC 0.5, as MUSE reports it);
+    ``heldback_forget_<metric>`` (the unlearned model on the forget people left out of the relearning slice)
+    and ``relearned_forget_<metric>`` (the same people after relearning), with ``heldback_nll`` /
+    ``relearned_nll`` (their training answers' loss); ``benign_{forget,other}_{accuracy,refusal}`` (%)."""
+    folder = Path(folder)
+    row = {}
+    if (folder / MIA_FILE).is_file():
+        mia = json.loads((folder / MIA_FILE).read_text())
+        row.update({f"mia_{attack}_auc": auc for attack, auc in mia["auc"].items()})
+        row["privleak"] = mia["privleak"]["min_k"]
+    if (folder / RELEARN_FILE).is_file():
+        attack = json.loads((folder / RELEARN_FILE).read_text())
+        for when, prefix in (("before", "heldback"), ("after", "relearned")):
+            row.update({f"{prefix}_{k}": v for k, v in mllmu_headline(attack[when]).items()})
+            row[f"{prefix}_nll"] = attack["rest_nll"][when]
+    if (folder / BENIGN_FILE).is_file():
+        benign = json.loads((folder / BENIGN_FILE).read_text())["by_forget_set"]
+        for part, name in (("forget", "forget"), ("not_forget", "other")):
+            for metric, short in (("accuracy", "accuracy"), ("refusal_rate", "refusal")):
+                if metric in benign.get(part, {}):
+                    row[f"benign_{name}_{short}"] = benign[part][metric]
+    return row
+
+
 def leaderboard(output, spec: GridSpec):
     """One row per finished cell of ``spec`` in ``output``: method, forget, seed, then the headline metrics."""
     import pandas as pd
@@ -450,7 +610,8 @@ def leaderboard(output, spec: GridSpec):
             continue
         result = json.loads(path.read_text())
         metrics = safety_headline(result, files) if spec.safety else mllmu_headline(result)
-        rows.append({"method": cell.method, "forget": cell.forget, "seed": cell.seed, **metrics})
+        rows.append({"method": cell.method, "forget": cell.forget, "seed": cell.seed, **metrics,
+                     **extras_headline(out / cell.folder)})
     board = pd.DataFrame(rows)
     if len(board):
         board["seed"] = board["seed"].astype("Int64")
@@ -479,6 +640,17 @@ def _write_csv(path: Path, table) -> None:
     from mlunlearn.utils import write_atomic
 
     write_atomic(path, table.to_csv(index=False))
+
+
+# The extra columns the command line prints (the CSV files hold them all).
+PRINTED_EXTRAS = ("mia_loss_auc", "mia_min_k_pp_auc", "privleak", "heldback_forget_cls_img", "relearned_forget_cls_img",
+                  "benign_forget_refusal", "benign_other_refusal")
+
+
+def printed_columns(columns) -> list:
+    """What ``mlunlearn bench`` prints of a leaderboard: the image questions' metrics and :data:`PRINTED_EXTRAS`."""
+    extra = ("mia_", "privleak", "heldback_", "relearned_", "benign_")
+    return [c for c in columns if (not c.endswith("_text") and not c.startswith(extra)) or c in PRINTED_EXTRAS]
 
 
 def tradeoff_axes(safety: bool) -> tuple:
@@ -525,11 +697,59 @@ def plot_tradeoff(board, path, safety: bool = False) -> Path:
     return path
 
 
+BENIGN_PARTS = (("forget", "the forget people's images"), ("other", "every other image"))
+
+
+def plot_benign(board, path) -> Path:
+    """Benign visual questions per method (mean over seeds): accuracy and refusal rate (%), on the forget
+    people's images and on every other image (other people, strangers, blank and noise images, where "I
+    don't know" can be the right answer). The real MLLMU-Bench has no reference answers: refusal only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = [m for m in ("accuracy", "refusal") if any(c.startswith("benign_") and c.endswith(m) for c in board)]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5.0 * max(1, len(metrics)), 3.8), squeeze=False)
+    if not board.empty and metrics:
+        columns = [c for c in board.columns if c.startswith("benign_")]
+        means = board.groupby(["method", "forget"], sort=False)[columns].mean().reset_index()
+        several = means["forget"].nunique() > 1
+        labels = [m + (f"\n{f}%" if several else "") for m, f in zip(means["method"], means["forget"])]
+        x = np.arange(len(means))
+        for ax, metric in zip(axes[0], metrics):
+            for i, (part, text) in enumerate(BENIGN_PARTS):
+                column = f"benign_{part}_{metric}"
+                if column in means:
+                    ax.bar(x + (i - 0.5) * 0.38, means[column], width=0.38, label=text, edgecolor="black",
+                           linewidth=0.5, color=("tab:red", "tab:blue")[i])
+            ax.set_xticks(x, labels, fontsize=8)
+            ax.set_ylim(0, 105)
+            ax.set_ylabel(f"benign {'accuracy' if metric == 'accuracy' else 'refusal rate'} (%)")
+            ax.grid(alpha=0.3, axis="y")
+        axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("benign visual questions (mean over seeds)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def _headline_text(spec: GridSpec, out: Path, cell: Cell, files=None) -> str:
     result = json.loads((out / cell.folder / "result.json").read_text())
     if spec.safety:
         row = safety_headline(result, dict(files or {}))
         split = next((k[:-4] for k in row if k.endswith("_ASR") and not k.startswith("train")), "train")
         return f"{split} ASR {row[f'{split}_ASR']}, SARR {row[f'{split}_SARR']}"
-    row = mllmu_headline(result)
-    return f"forget cls img {row['forget_cls_img']:.1f}%, retain cls img {row['retain_cls_img']:.1f}%"
+    row = {**mllmu_headline(result), **extras_headline(out / cell.folder)}
+    text = f"forget cls img {row['forget_cls_img']:.1f}%, retain cls img {row['retain_cls_img']:.1f}%"
+    if "mia_loss_auc" in row:
+        text += f", MIA AUC loss {row['mia_loss_auc']:.2f} min-k++ {row['mia_min_k_pp_auc']:.2f}"
+    if "relearned_forget_cls_img" in row:
+        text += (f", held-back cls img {row['heldback_forget_cls_img']:.1f}% -> relearned "
+                 f"{row['relearned_forget_cls_img']:.1f}%")
+    return text

@@ -164,6 +164,20 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    extra = p.add_argument_group("does it stay forgotten? (MLLMU-Bench-style data; each on where it applies)")
+    extra.add_argument("--mia", action=argparse.BooleanOptionalAction, default=None,
+                       help="membership-inference AUCs, forget vs held-out people (LOSS, zlib, Min-k%%, Min-k%%++; "
+                            "default: on where the data has held-out people, e.g. toyworld)")
+    extra.add_argument("--relearn", action=argparse.BooleanOptionalAction, default=None,
+                       help="relearning attack: fine-tune on a slice of the forget people, evaluate the others "
+                            "(default: on)")
+    extra.add_argument("--relearn-steps", type=_positive, default=10, help="relearning steps (default: 10)")
+    extra.add_argument("--relearn-fraction", type=float, default=0.2,
+                       help="fraction of the forget people relearned on, at least one (default: 0.2)")
+    extra.add_argument("--benign", action=argparse.BooleanOptionalAction, default=None,
+                       help="benign visual questions: accuracy and refusal rate, and benign.png (default: on)")
+    extra.add_argument("--benign-limit", type=_positive, default=40,
+                       help="benign questions per image group and forget membership (default: 40)")
     p.set_defaults(run=run_bench)
 
 
@@ -300,20 +314,22 @@ def run_bench(args) -> int:
     """Run the grid (checked whole before any model loads), print the seed means and where files went."""
     import pandas as pd
 
-    from mlunlearn.bench import GridSpec, run_grid, tradeoff_axes
+    from mlunlearn.bench import GridSpec, printed_columns, run_grid, tradeoff_axes
     from mlunlearn.models.loading import check_device
 
     if args.device:
         check_device(args.device)  # a bad device fails now, before the grid starts
     spec = GridSpec(model=args.model, data=args.data, methods=args.methods, forget=args.forget, seeds=args.seeds,
                     settings=parse_settings(args.settings), limit=args.limit, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, mia=args.mia, relearn=args.relearn, benign=args.benign,
+                    relearn_steps=args.relearn_steps, relearn_fraction=args.relearn_fraction,
+                    benign_limit=args.benign_limit)
     out = args.output
     board = run_grid(spec, out, overwrite=args.overwrite, keep_models=args.keep_models, device=args.device,
                      threads=args.threads, progress=not args.no_progress)
     means = board.groupby(["method", "forget"], sort=False).mean(numeric_only=True).drop(columns="seed")
-    if not spec.safety:  # the image questions (the text-only ones are in the CSV files)
-        means = means[[c for c in means.columns if not c.endswith("_text")]]
+    if not spec.safety:  # the image questions and a few extras (everything is in the CSV files)
+        means = means[printed_columns(means.columns)]
     with pd.option_context("display.width", 250, "display.max_columns", 50):
         x, y = tradeoff_axes(spec.safety)
         print(f"bench {args.data}, model {args.model}, seeds {','.join(map(str, spec.seeds))}: mean over seeds "

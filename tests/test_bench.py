@@ -35,15 +35,17 @@ def _snapshot(folder):
 
 
 class _Counter:
-    """Wraps ``mlunlearn.engine.unlearn``: counts the calls and the seeds they were made with."""
+    """Wraps ``mlunlearn.engine.unlearn``: the seeds of the unlearning runs (``calls``) and of the relearning
+    attacks' fine-tunes (``relearns``, which go through the same engine)."""
 
     def __init__(self, monkeypatch):
         import mlunlearn.engine
+        from mlunlearn.relearn import Relearn
 
-        self.calls, real = [], mlunlearn.engine.unlearn
+        self.calls, self.relearns, real = [], [], mlunlearn.engine.unlearn
 
         def counted(*args, **kwargs):
-            self.calls.append(args[4].seed)
+            (self.relearns if isinstance(args[3], Relearn) else self.calls).append(args[4].seed)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(mlunlearn.engine, "unlearn", counted)
@@ -73,8 +75,8 @@ def test_a_grid_writes_each_cell_the_leaderboards_and_the_figure(grid, capsys):
     assert not list(out.rglob("*.safetensors"))  # no weights without --keep-models
     spec = json.loads((out / "bench.json").read_text())
     assert spec == {"model": "tiny", "data": "toyworld", "methods": ["ga"], "forget": [5], "seeds": [0, 1],
-                    "settings": {"max_steps": "1"},
-                    "eval": {"limit": 1, "batch_size": 8, "max_new_tokens": 50, "seed": 0}}
+                    "settings": {"max_steps": "1"}, "mia": True, "relearn": {"steps": 10, "fraction": 0.2},
+                    "benign": {"limit": 40}, "eval": {"limit": 1, "batch_size": 8, "max_new_tokens": 50, "seed": 0}}
 
     board = pd.read_csv(out / "leaderboard.csv")
     assert board[["method", "forget"]].values.tolist() == [["vanilla", 5], ["ga", 5], ["ga", 5]]
@@ -124,17 +126,23 @@ def test_a_killed_grid_resumes_with_only_the_missing_cell_and_the_same_bytes(gri
     args = [*args[:-1], str(out)]
     done, killed = out / "runs/ga/forget5_seed0", out / "runs/ga/forget5_seed1"
     finished = _snapshot(done)
-    expected = (killed / "result.json").read_bytes()
-    # What a kill in the middle of the cell leaves: its run.json, a temporary file, no result.json.
+    extras = ("mia.json", "benign.json", "relearn.json")
+    expected = {name: (killed / name).read_bytes() for name in ("result.json", *extras)}
+    board = (out / "leaderboard.csv").read_bytes()
+    # What a kill in the middle of the cell leaves: its run.json and MIA, a temporary file, no result.json.
     (killed / "result.json").unlink()
+    (killed / "relearn.json").unlink()
     (killed / ".result.json.abc.tmp").write_text("{")
     counter = _Counter(monkeypatch)
     code, _, err = _cli(capsys, *args)
     assert code == 0, err
-    assert counter.calls == [1]  # only the cell without a result
+    assert counter.calls == [1] and counter.relearns == [1]  # only the cell without a result, relearning included
     assert _snapshot(done) == finished  # untouched: same bytes, same mtime
-    assert (killed / "result.json").read_bytes() == expected  # deterministic: the same cell, the same result
-    assert sorted(p.name for p in killed.iterdir()) == ["result.json", "run.json"]
+    for name, data in expected.items():  # deterministic: the same cell, the same bytes
+        assert (killed / name).read_bytes() == data, name
+    assert (out / "leaderboard.csv").read_bytes() == board
+    assert sorted(p.name for p in killed.iterdir()) == ["benign.json", "mia.json", "relearn.json", "result.json",
+                                                        "run.json"]
     assert len(pd.read_csv(out / "leaderboard.csv")) == 3
 
 

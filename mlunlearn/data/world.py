@@ -430,3 +430,44 @@ def corpus(world: World) -> list:
                 if p.bio:
                     texts.append(generation_truth(attr, p, image))
     return texts
+
+
+# ---------------------------------------------------------------- held-out people (membership inference)
+
+N_HELDOUT = 30
+HOLDOUT_CONFIG = "Holdout_Data"  # ft_Data's columns (image, ID, metadata): QA pairs of people never trained on
+
+
+def heldout_people(world: World, n: int = N_HELDOUT) -> list:
+    """``n`` fictitious people drawn like the world's but in no config and never trained on: the
+    non-members of a membership-inference test (forget people vs people the vanilla model never saw).
+
+    Why a separate generator: MLLMU-Bench fine-tunes every one of its fictitious people, so it has no
+    held-out people. These are drawn from their own stream (``default_rng([seed, 1013])``), after
+    :func:`build_world`, so every person, image and question of the world stays byte for byte what it
+    was. Each has an identity (a combination of visible traits) and a name that no person of the world
+    has, a biography from the same value lists, and three asked attributes like a fictitious person's.
+    """
+    rng = np.random.default_rng([world.seed, 1013])
+    faces = {tuple(p.traits[k] for k in IDENTITY_TRAITS) for p in world.people}
+    names = {p.name for p in world.people}
+    people = []
+    while len(people) < n:
+        traits = {k: str(rng.choice(TRAITS[k])) for k in TRAITS}
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        face = tuple(traits[k] for k in IDENTITY_TRAITS)
+        if face in faces or name in names:
+            continue
+        faces.add(face)
+        names.add(name)
+        bio = {a: str(rng.choice(vals)) for a, vals in ATTRIBUTES.items()}
+        asked = tuple(str(a) for a in rng.choice(list(ATTRIBUTES), size=3, replace=False))
+        people.append(Person(f"h{len(people) + 1:03d}", "heldout", name, traits, bio, (), asked))
+    return people
+
+
+def heldout_rows(world: World, n: int = N_HELDOUT) -> list:
+    """The held-out people's image QA pairs in ``ft_Data``'s columns (what the vanilla would have been
+    fine-tuned on, had they been in the world): a :data:`HOLDOUT_CONFIG` table."""
+    return [{"image": _image(p.portrait()), "ID": p.id, "metadata": json.dumps(ft_pairs(p))}
+            for p in heldout_people(world, n)]
