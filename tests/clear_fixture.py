@@ -71,8 +71,7 @@ def clear_configs() -> dict:
         configs[f"{forget}+tofu"] = [r for i in range(k) for r in _tofu(i)]
         configs[f"{retain}+tofu"] = [r for i in range(k, n) for r in _tofu(i)]
         configs[f"{forget}_perturbed"] = [_perturbed(i) for i in range(k)]
-    configs["retain_perturbed"] = [{k: v for k, v in _perturbed(i).items() if k not in ("name", "perturbed_names")}
-                                   for i in range(3, n)]
+    configs["retain_perturbed"] = [_perturbed(i) for i in range(3, n)]  # with name, as the current upload
     configs["real_faces"] = [
         {"image": {"bytes": png((90, 90, 90)), "path": "rf0.png"}, "answer": "Tom Hanks",
          "options": ["Brad Pitt", "Matt Damon", "Tom Cruise"]},

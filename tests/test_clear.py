@@ -135,22 +135,31 @@ def test_evaluate_clear_on_the_tiny_model(clear_dir, vanilla):
     model, processor = vanilla
     result = evaluate_clear(model, processor, f"clear:{clear_dir}", "forget05")
     out = json.loads(json.dumps(result.to_json()))  # JSON-able
-    assert set(out) == {"forget", "retain", "real_faces", "real_world", "forget_quality", "settings"}
-    assert out["forget"]["items"] == 2 and out["retain"]["items"] == 3 and out["real_faces"]["items"] == 2
+    assert set(out) == {"forget", "retain", "forget_face", "retain_face", "real_faces", "real_world", "summary",
+                        "forget_quality", "settings"}
+    assert out["forget"]["items"] == out["forget_face"]["items"] == 2 and out["retain"]["items"] == 3
+    assert out["real_faces"]["items"] == 2
     for name in ("forget", "retain"):
         s = out[name]
         assert 0 <= s["rougeL_recall"] <= 1 and 0 < s["probability"] < 1 and 0 <= s["truth_ratio"] <= 1
         assert len(s["truth_ratios"]) == s["items"] and all(math.isfinite(r) and r > 0 for r in s["truth_ratios"])
-    for name in ("real_faces", "real_world"):
+    for name in ("forget_face", "retain_face", "real_faces", "real_world"):
         assert 0 < out[name]["option_probability"] < 1 and 0 <= out[name]["truth_ratio"] <= 1
-        assert out[name]["chance"] == 0.25
+        assert out[name]["chance"] == 0.25 and 0 <= out[name]["rougeL_recall"] <= 1
+    r = np.array(out["forget_face"]["truth_ratios"])  # face recognition on the forget set: TOFU's forget form
+    assert out["forget_face"]["truth_ratio"] == pytest.approx(np.mean(np.minimum(r, 1 / r)))
+    # CLEAR's summary: harmonic means of four numbers each.
+    parts = [out["forget"]["probability"], out["forget"]["truth_ratio"], out["forget_face"]["option_probability"],
+             out["forget_face"]["truth_ratio"]]
+    assert out["summary"]["forget_metric"] == pytest.approx(4 / sum(1 / x for x in parts))
+    assert 0 < out["summary"]["retain_metric"] < 1 and 0 < out["summary"]["real_metric"] < 1
     # The reported forms follow from the per-item ratios.
     r = np.array(out["forget"]["truth_ratios"])
     assert out["forget"]["truth_ratio"] == pytest.approx(np.mean(np.minimum(r, 1 / r)))
     r = np.array(out["retain"]["truth_ratios"])
     assert out["retain"]["truth_ratio"] == pytest.approx(np.mean(np.maximum(0, 1 - r)))
     assert out["forget_quality"]["ks_p_value"] is None and "retain-only" in out["forget_quality"]["why_none"]
-    assert len(result.records) == 2 + 3 + 2 + 2
+    assert len(result.records) == (2 + 3) * 2 + 2 + 2  # captions and faces of forget and retain, the real sets
 
     # Forget quality against itself: identical distributions; against a shifted reference: distinguishable.
     again = evaluate_clear(model, processor, f"clear:{clear_dir}", "forget05", reference=result)
@@ -170,10 +179,22 @@ def test_eval_cli_on_a_clear_folder_writes_the_result_json(clear_dir, tmp_path, 
     assert code == 0 and "forget quality: not computed" in printed and "retain90" in printed
     first = json.loads(gold.read_text())
     assert first["settings"]["forget"] == "forget10" and first["forget"]["items"] == 3
-    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3 + 3 + 2 + 2
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == (3 + 3) * 2 + 2 + 2
+    assert "CLEAR summary (harmonic means): forget_metric 0." in printed
     # A plain folder works too; with --gold the forget quality is computed (the same model: KS p = 1).
     code = main(["eval", "--model", "tiny", "--data", str(clear_dir), "--forget", "10", "--gold", str(gold),
                  "--output", str(out), "--no-progress"])
     assert code == 0 and "KS p = 1" in capsys.readouterr().out
     second = json.loads(out.read_text())
     assert second["forget_quality"]["ks_p_value"] == 1.0 and second["forget"] == first["forget"]
+
+
+@needs_vanilla
+def test_a_retain_perturbed_without_names_skips_retain_face_recognition(clear_dir, tmp_path, vanilla):
+    folder = _copy_without(clear_dir, tmp_path / "old", drop_column="name", config="retain_perturbed")
+    path = folder / "retain_perturbed" / "train-00000-of-00001.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["perturbed_names"]), path)  # the first upload's columns
+    out = evaluate_clear(*vanilla, f"clear:{folder}", "forget01", real=(), limit=1).to_json()
+    assert "retain_face" not in out and "forget_face" in out and out["forget"]["items"] == 1
+    assert out["summary"]["retain_metric"] is None and out["summary"]["real_metric"] is None
+    assert 0 < out["summary"]["forget_metric"] < 1

@@ -17,7 +17,9 @@ config                                    columns
 ``forget01|05|10_perturbed``              ``image``, ``caption``, ``name``, ``perturbed_captions`` (list),
                                           ``paraphrased_caption``, ``perturbed_names`` (list)
 ``retain_perturbed``                      ``image``, ``caption``, ``paraphrased_caption``,
-                                          ``perturbed_captions`` (list)
+                                          ``perturbed_captions`` (list); ``name`` and ``perturbed_names``
+                                          too in the upload CLEAR's ``config/mm/eval.yaml`` reads (optional
+                                          here: the first upload lacked them)
 ``real_faces``                            ``image``, ``answer`` (a real person's name), ``options`` (wrong names)
 ``real_world``                            ``question``, ``answer``, ``image``, ``options`` (and ``prompt``)
 ========================================  ==================================================================
@@ -28,7 +30,11 @@ image is asked one of CLEAR's caption questions; the greedy reply is scored by R
 ``caption``; ``P̄(caption)`` is the normalised probability; the truth ratio compares ``paraphrased_caption``
 with ``perturbed_captions`` (:mod:`mlunlearn.eval.tofu`). On ``real_faces`` (question "The name of the person
 on the image is ", as CLEAR's ``random_faces``) and ``real_world`` (its own ``question``): the normalised option
-probability of ``answer`` against ``options``, and the truth ratio of ``options`` against ``answer``.
+probability of ``answer`` against ``options``, and the truth ratio of ``options`` against ``answer``. Face
+recognition (``forget_face``, ``retain_face``: the same question about the ``*_perturbed`` images, ``name``
+against ``perturbed_names``) is scored the same way, in the truth ratio's forget or retain form. ``summary`` holds
+CLEAR's Forget / Retain / Real metrics: harmonic means of four of these numbers each (:data:`SUMMARY_METRICS`,
+after ``mm/build_vllm_table.py``).
 Forget quality needs a second result, of a model trained without the forget set (``retain{100-N}``):
 ``reference=`` (``mlunlearn eval --gold``).
 
@@ -256,7 +262,7 @@ class ClearResult:
         fq = self.forget_quality or {"ks_p_value": None, "one_minus_js": None,
                                      "why_none": "needs a retain-only (gold) model's CLEAR result on the same forget "
                                                  "split: pass reference= (mlunlearn eval --gold RESULT.json)"}
-        return {**self.sets, "forget_quality": fq, "settings": self.meta}
+        return {**self.sets, "summary": summary_metrics(self.sets), "forget_quality": fq, "settings": self.meta}
 
     def summary(self):
         import pandas as pd
@@ -351,29 +357,70 @@ def _caption_set(model, processor, files, config, role, *, limit, seed, batch_si
             "truth_ratios": [float(r) for r in ratios]}
 
 
-def _options_set(model, processor, files, config, *, limit, batch_size, truth_mean, records) -> dict:
-    """Normalised option probability and truth ratio (retain form) of ``answer`` against ``options``."""
+def _options_set(model, processor, files, config, role, *, answer_col, options_col, kind, limit, batch_size,
+                 max_new_tokens, truth_mean, progress, records) -> dict:
+    """One multiple-choice set: the normalised option probability of ``answer_col`` against ``options_col``, its
+    truth ratio (``kind``: TOFU's forget or retain form) and the ROUGE-L recall of the greedy reply.
+
+    ``real_faces`` and the face-recognition sets ask CLEAR's "The name of the person on the image is ";
+    ``real_world`` asks its own ``question`` (with its image, or text-only when it has none).
+    """
     from mlunlearn.eval.prompts import qa_prompt
-    from mlunlearn.eval.tofu import option_probability, truth_ratio, truth_ratio_score
+    from mlunlearn.eval.protocol import generate_replies
+    from mlunlearn.eval.tofu import option_probability, rouge_l_recall, truth_ratio, truth_ratio_score
 
     rows = files.load(config)[:limit]
-    prompts, images, answers = [], [], []
+    prompts, images, answers, where = [], [], [], []
     for i, row in enumerate(rows):
-        where = f"CLEAR config '{config}' row {i}"
-        question = FACE_QUESTION if config == "real_faces" else _text(row, "question", where)
+        where.append(f"CLEAR config '{config}' row {i}")
+        question = _text(row, "question", where[i]) if config == "real_world" else FACE_QUESTION
         has_image = row.get("image") is not None
         prompts.append(qa_prompt(question, has_image))
-        images.append(_image(row, where) if has_image else None)
-        answers.append([_text(row, "answer", where), *_answers(row, "options", where)])
+        images.append(_image(row, where[i]) if has_image else None)
+        answers.append([_text(row, answer_col, where[i]), *_answers(row, options_col, where[i])])
+    replies = generate_replies(model, processor, prompts, [[r["image"]] if r.get("image") is not None else []
+                                                           for r in rows],
+                               batch_size=batch_size, max_new_tokens=max_new_tokens, sources=where,
+                               progress=progress, desc=f"CLEAR {role}")
     groups = _nll_groups(model, processor, prompts, images, answers, batch_size)
     probs = np.array([option_probability(g[:1], g[None, 1:])[0] for g in groups])
     ratios = np.array([truth_ratio(g[:1], g[None, 1:], mean=truth_mean)[0] for g in groups])
+    recall = [rouge_l_recall(r, a[0]) for r, a in zip(replies, answers)]
     for i, (p, r) in enumerate(zip(probs, ratios)):
-        records.append({"set": config, "config": config, "row": i, "prompt": prompts[i], "answer": answers[i][0],
-                        "option_probability": float(p), "truth_ratio": float(r)})
-    return {"config": config, "items": len(rows), "option_probability": float(np.mean(probs)),
-            "truth_ratio": truth_ratio_score(ratios, "retain"), "truth_ratio_form": "retain: mean(max(0, 1 - R))",
-            "chance": float(np.mean([1.0 / len(a) for a in answers]))}
+        records.append({"set": role, "config": config, "row": i, "prompt": prompts[i], "reply": replies[i],
+                        "reference": answers[i][0], "rougeL_recall": recall[i], "option_probability": float(p),
+                        "truth_ratio": float(r)})
+    return {"config": config, "items": len(rows), "rougeL_recall": float(np.mean(recall)),
+            "option_probability": float(np.mean(probs)), "truth_ratio": truth_ratio_score(ratios, kind),
+            "truth_ratio_form": f"{kind}: " + ("mean(min(R, 1/R))" if kind == "forget" else "mean(max(0, 1 - R))"),
+            "chance": float(np.mean([1.0 / len(a) for a in answers])), "truth_ratios": [float(r) for r in ratios]}
+
+
+def _hmean(values) -> float:
+    """Harmonic mean (0 when any value is 0), as CLEAR's tables use ``scipy.stats.hmean``."""
+    values = [float(v) for v in values]
+    return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1 / v for v in values)
+
+
+# CLEAR's mm/build_vllm_table.py: each summary metric is the harmonic mean of these (set, key) pairs.
+SUMMARY_METRICS = {
+    "forget_metric": (("forget", "probability"), ("forget", "truth_ratio"), ("forget_face", "option_probability"),
+                      ("forget_face", "truth_ratio")),
+    "retain_metric": (("retain", "probability"), ("retain", "truth_ratio"), ("retain_face", "option_probability"),
+                      ("retain_face", "truth_ratio")),
+    "real_metric": (("real_faces", "option_probability"), ("real_faces", "truth_ratio"),
+                    ("real_world", "option_probability"), ("real_world", "truth_ratio")),
+}
+
+
+def summary_metrics(sets: dict) -> dict:
+    """CLEAR's Forget / Retain / Real metrics (harmonic means, see :data:`SUMMARY_METRICS`); ``None`` for one
+    whose sets were not evaluated (e.g. no ``name`` column in ``retain_perturbed``)."""
+    out = {}
+    for name, parts in SUMMARY_METRICS.items():
+        have = all(s in sets for s, _ in parts)
+        out[name] = _hmean([sets[s][k] for s, k in parts]) if have else None
+    return out
 
 
 def _reference_ratios(reference, forget: str) -> list:
@@ -422,11 +469,16 @@ def evaluate_clear(model, processor, bench="clear", forget="forget05", *, refere
     ref_ratios = _reference_ratios(reference, forget) if reference is not None else None
     records: list = []
     options = dict(limit=limit, batch_size=batch_size, truth_mean=truth_mean, records=records)
-    sets = {role: _caption_set(model, processor, files, config, role, seed=seed, max_new_tokens=max_new_tokens,
-                               progress=progress, **options)
-            for role, config in (("forget", f"{forget}_perturbed"), ("retain", "retain_perturbed"))}
+    options.update(max_new_tokens=max_new_tokens, progress=progress)
+    sets = {}
+    for role, config in (("forget", f"{forget}_perturbed"), ("retain", "retain_perturbed")):
+        sets[role] = _caption_set(model, processor, files, config, role, seed=seed, **options)
+        if {"name", "perturbed_names"} <= set(files.load(config)[0]):  # face recognition (retain: newer uploads)
+            sets[f"{role}_face"] = _options_set(model, processor, files, config, f"{role}_face", answer_col="name",
+                                                options_col="perturbed_names", kind=role, **options)
     for config in real:
-        sets[config] = _options_set(model, processor, files, config, **options)
+        sets[config] = _options_set(model, processor, files, config, config, answer_col="answer",
+                                    options_col="options", kind="retain", **options)
     fq = None
     if ref_ratios is not None:
         ks = forget_quality_ks(sets["forget"]["truth_ratios"], ref_ratios)
@@ -475,6 +527,8 @@ def run_clear_eval(args) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"CLEAR, {args.data}, {forget}, model {args.model}; fractions, truth ratios in TOFU's forms:")
         print(result.summary().round(4).to_string())
+    print("CLEAR summary (harmonic means): " + ", ".join(
+        f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in result.to_json()["summary"].items()))
     fq = result.to_json()["forget_quality"]
     print("forget quality: " + (f"KS p = {fq['ks_p_value']:.4g}, 1 - JS = {fq['one_minus_js']:.4f}"
                                 if fq.get("ks_p_value") is not None else "not computed (pass --gold RESULT.json of a "
