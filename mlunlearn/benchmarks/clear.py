@@ -113,7 +113,7 @@ def is_clear_source(source) -> bool:
 
 
 def _fetch_hint(config: str, folder) -> str:
-    return (f"fix: copy it from the hub (huggingface-cli download {HUB_ID} --repo-type dataset --include "
+    return (f"fix: copy it from the hub (hf download {HUB_ID} --repo-type dataset --include "
             f"'{config}/*' --local-dir {folder})")
 
 
