@@ -312,6 +312,14 @@ def run_eval(args) -> int:
 
 def run_bench(args) -> int:
     """Run the grid (checked whole before any model loads), print the seed means and where files went."""
+    from mlunlearn.bench import GridError
+    from mlunlearn.utils import launched_processes
+
+    if launched_processes() > 1:  # why: every process of the launch would run the whole grid into one folder
+        raise GridError(f"bench runs its cells one after another in one process, and under a distributed launch "
+                        f"({launched_processes()} processes) each would run the whole grid into the same --output; "
+                        "fix: start one bench per GPU without accelerate (CUDA_VISIBLE_DEVICES=<i> mlunlearn bench "
+                        "...), with disjoint --methods or --seeds, each into its own --output")
     import pandas as pd
 
     from mlunlearn.bench import GridSpec, printed_columns, run_grid, tradeoff_axes

@@ -264,7 +264,8 @@ def compare(model, processor, bench, methods, config: UnlearnConfig, forget: int
     there overrides ``config.lr`` for that method. With ``vanilla``, the first row is the model before
     unlearning. ``show``: examples (:class:`mlunlearn.collate.Example`) whose greedy replies are kept per
     method in ``.samples``. ``fresh``: a function returning an untouched model for each run (default: a
-    deep copy of ``model``; for LLaVA-1.5-7B pass ``lambda: load_model(...)[0]`` rather than hold copies).
+    deep copy of ``model``; for LLaVA-1.5-7B pass ``lambda: load_model(name, quantization="4bit")[0]`` on a
+    16 GB card, rather than hold copies: the run's NPO ``reference="<folder>"`` then loads in 4 bits too).
     ``monitor``: a function returning a fresh ``TrainerCallback`` for each run (kept in ``.monitors``),
     e.g. ``lambda: ProjectorMonitor(...)``. ``measure``: a function ``model -> dict`` whose values are added
     to each row (the vanilla row too).

@@ -125,3 +125,17 @@ def test_two_processes_train_one_run_and_only_the_first_writes_it(tmp_path, caps
                  "--output", str(tmp_path / "r.json")])
     assert code == 0, capsys.readouterr().err
     assert "Forget Set Results" in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_bench_under_a_distributed_launch_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """bench is one process running cells in turn: launched twice, both would write the whole grid into one
+    folder. It refuses, naming the way that works (one bench per GPU, disjoint cells, own folders)."""
+    from conftest import assert_one_line_error
+    from mlunlearn.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code = main(["bench", "--output", str(tmp_path / "grid"), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "2 processes", "CUDA_VISIBLE_DEVICES=<i> mlunlearn bench",
+                          "own --output")
+    assert not (tmp_path / "grid").exists()
