@@ -198,3 +198,28 @@ def test_a_retain_perturbed_without_names_skips_retain_face_recognition(clear_di
     assert "retain_face" not in out and "forget_face" in out and out["forget"]["items"] == 1
     assert out["summary"]["retain_metric"] is None and out["summary"]["real_metric"] is None
     assert 0 < out["summary"]["forget_metric"] < 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_the_hub_path_reads_rows_through_datasets_without_the_network(clear_dir, monkeypatch):
+    """``--data clear`` online: ``datasets.load_dataset("therem/CLEAR", config)`` is stood in for by the fixture's
+    parquet file (nothing is downloaded); the rows come back exactly as the local loader reads them."""
+    import datasets
+
+    asked, load_dataset = [], datasets.load_dataset
+
+    def fake_load_dataset(repo, config):
+        asked.append((repo, config))
+        return load_dataset("parquet", data_files={"train": str(clear_dir / config / "*.parquet")})
+
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = open_clear("clear")
+    assert hub.load("real_faces") == clear_configs()["real_faces"]
+    assert hub.load("forget05_perturbed") == clear_configs()["forget05_perturbed"]
+    assert asked == [("therem/CLEAR", "real_faces"), ("therem/CLEAR", "forget05_perturbed")]
+    with pytest.raises(BenchmarkError, match="has no column 'options'"):
+        monkeypatch.setattr(datasets, "load_dataset", lambda repo, config: fake_load_dataset(repo, "real_world")
+                            .remove_columns(["options"]))
+        open_clear("clear").load("real_world")
