@@ -363,3 +363,26 @@ def test_every_chapter_installs_from_the_pyproject_repository():
     assert not wrong, f"chapters whose Colab cell does not install {install_requirement()!r}: {wrong}"
     config = (root / "_config.yml").read_text()
     assert re.search(rf"^\s*url:\s*{re.escape(url)}\s*$", config, re.M), "_config.yml's repository url differs"
+
+
+def test_package_source_reads_the_installed_metadata_first(monkeypatch):
+    """An installed package (a wheel on Colab, no pyproject.toml beside it) answers from its metadata's
+    Project-URL; the pyproject.toml of a checkout is only the fallback for metadata without the entry."""
+    from importlib import metadata
+    from pathlib import Path
+
+    from mlunlearn.utils import install_command, package_source
+
+    class Dist:
+        def __init__(self, urls):
+            self.metadata = type("M", (), {"get_all": lambda _, key: urls if key == "Project-URL" else None})()
+
+    urls = ["Documentation, https://docs.example.org", "Repository, https://git.example.org/me/mlunlearn"]
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(urls))
+    assert package_source() == "https://git.example.org/me/mlunlearn"
+    assert install_command("gpu") == 'pip install -q "mlunlearn[gpu] @ git+https://git.example.org/me/mlunlearn"'
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(None))  # an install older than the entry
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert package_source() == pyproject["project"]["urls"]["Repository"]  # this checkout's pyproject.toml
