@@ -5,9 +5,10 @@
 
 The ``Trainer`` supplies what a home-made loop would get wrong: gradient accumulation, mixed precision on
 GPU, checkpoints and resume, a progress bar, multi-GPU through accelerate. Multi-GPU (data parallel) is
-the same code launched with accelerate::
+the same code launched with accelerate (each process loads onto its own GPU; only the first writes the
+run; README "Several GPUs")::
 
-    accelerate launch --num_processes 2 -m mlunlearn unlearn --model llava-hf/llava-1.5-7b-hf \\
+    accelerate launch --multi_gpu --num_processes 2 -m mlunlearn unlearn --model llava-hf/llava-1.5-7b-hf \\
         --data mllmu-bench --forget 5 --method npo --output runs/npo
 
 A method (:mod:`mlunlearn.methods`) only says which parameters train and what the loss is; the engine
