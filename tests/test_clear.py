@@ -13,6 +13,7 @@ from clear_fixture import AUTHORS, clear_configs, write_clear
 from conftest import assert_one_line_error, needs_vanilla
 from mlunlearn.benchmarks import as_benchmark, get_benchmark
 from mlunlearn.benchmarks.clear import (
+    CAPTION_QUESTIONS,
     COLUMNS,
     Clear,
     ClearFiles,
@@ -22,7 +23,8 @@ from mlunlearn.benchmarks.clear import (
     open_clear,
 )
 from mlunlearn.cli import main
-from mlunlearn.data import BenchmarkError, open_benchmark
+from mlunlearn.data import BenchmarkError, open_benchmark, write_benchmark
+from mlunlearn.data.unlearning import UnlearningDataError
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +126,43 @@ def test_bad_clear_options_are_one_line_errors(clear_dir, tmp_path, capsys, monk
         assert_one_line_error(code, capsys.readouterr().err, *needles)
 
 
-def test_unlearn_on_clear_is_a_one_line_error(clear_dir, tmp_path, capsys):
+def test_unlearning_data_follows_clears_mixed_forget_dataset(clear_dir, tmp_path, capsys):
+    bench = get_benchmark(f"clear:{clear_dir}")
+    data = bench.unlearning_data(5)  # forget05+tofu - retain95+tofu: per author one face caption, one TOFU pair
+    assert data.forget_ids == ["Ava Stone", "Ben Cole"] and len(data.retain_ids) == 4
+    assert len(data.forget) == 4 and len(data.retain) == 8
+    image_ex = [e for e in data.forget if e.image is not None]
+    text_ex = [e for e in data.forget if e.image is None]
+    assert [e.answer for e in image_ex] == [AUTHORS[0][2], AUTHORS[1][2]]
+    assert all(e.prompt.startswith("USER: <image>\n") and e.prompt.endswith("\nASSISTANT:") for e in image_ex)
+    assert any(q in image_ex[0].prompt for q in CAPTION_QUESTIONS)
+    assert [e.prompt for e in text_ex] == ["USER: What does Ava Stone write?\nASSISTANT:",
+                                          "USER: What does Ben Cole write?\nASSISTANT:"]
+    assert len(bench.unlearning_data("forget05", modality="visual").forget) == 2
+    assert all(e.image is None for e in bench.unlearning_data("forget10", modality="text").forget)
+    with pytest.raises(BenchmarkError, match="modality='audio'"):
+        bench.unlearning_data(5, modality="audio")
+    configs = clear_configs()
+    configs["retain95"].append(configs["forget05"][0])  # Ava Stone in both
+    folder = tmp_path / "overlap"
+    write_benchmark(configs, folder)
+    with pytest.raises(UnlearningDataError, match="1 people are in both forget05 and retain95 \\(Ava Stone\\)"):
+        get_benchmark(f"clear:{folder}").unlearning_data(5)
+    code = main(["unlearn", "--model", "tiny", "--data", f"clear:{folder}", "--method", "ga", "--output",
+                 str(tmp_path / "run"), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "1 people are in both forget05 and retain95")
+
+
+def test_unlearn_cli_on_clear_then_eval(clear_dir, tmp_path, capsys):
+    run = tmp_path / "run"
     code = main(["unlearn", "--model", "tiny", "--data", f"clear:{clear_dir}", "--method", "ga",
-                 "--output", str(tmp_path / "run"), "--no-progress"])
-    assert_one_line_error(code, capsys.readouterr().err, "unlearning on CLEAR is not implemented yet")
+                 "--set", "max_steps=1", "--output", str(run), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((run / "run.json").read_text())
+    assert record["examples"] == {"forget": 4, "retain": 8} and record["steps"] == 1
+    code = main(["eval", "--model", str(run / "model"), "--data", f"clear:{clear_dir}", "--limit", "1",
+                 "--output", str(tmp_path / "after.json"), "--no-progress"])
+    assert code == 0 and json.loads((tmp_path / "after.json").read_text())["forget"]["items"] == 1
 
 
 @needs_vanilla

@@ -38,6 +38,10 @@ after ``mm/build_vllm_table.py``).
 Forget quality needs a second result, of a model trained without the forget set (``retain{100-N}``):
 ``reference=`` (``mlunlearn eval --gold``).
 
+**Unlearning** (:meth:`Clear.unlearning_data`): forget ``{forgetNN}+tofu``, retain ``retain{100-N}+tofu``, each image
+row a caption question → its ``caption`` and each text row TOFU's ``question`` → ``answer``, as CLEAR's
+``MMMixedForgetDataset``; ``modality="visual"`` or ``"text"`` keeps one kind (CLEAR's single-modality runs).
+
 Choices where CLEAR's code is silent or random (the README says so too):
 
 - CLEAR draws the caption question with an unseeded ``random.choice`` in each data loader, so the caption,
@@ -236,9 +240,52 @@ class Clear(UnlearningBenchmark):
     def accepts(cls, source: str) -> bool:
         return is_clear_source(source)
 
-    def unlearning_data(self, split):
-        raise BenchmarkError("unlearning on CLEAR is not implemented yet (only its evaluation is); fix: evaluate with "
-                             "`mlunlearn eval --data clear:<folder>`, unlearn on MLLMU-Bench or a safety benchmark")
+    def unlearning_data(self, split, modality: str = "both", seed: int = 0):
+        """Forget and retain examples of ``split`` (``forget01|05|10`` or 1, 5, 10), as CLEAR's
+        ``MMMixedForgetDataset`` builds them: an image row is one of :data:`CAPTION_QUESTIONS` about the face
+        → its ``caption``; a row without an image (TOFU's) is its ``question`` → ``answer`` as text.
+
+        ``modality``: ``"both"`` reads ``{split}+tofu`` / ``retain{100-N}+tofu`` (CLEAR's "both" runs),
+        ``"visual"`` ``{split}`` / ``retain{100-N}`` (captions only), ``"text"`` the ``+tofu`` files' text rows only.
+        The people (``forget_ids``, ``retain_ids``) are the ``name`` column of ``{split}`` and ``retain{100-N}``.
+        The caption question of row i is drawn from ``random.Random(f"{seed}-{config}-{i}")``.
+        """
+        from mlunlearn.collate import Example
+        from mlunlearn.data.unlearning import UnlearningData, UnlearningDataError
+        from mlunlearn.eval.prompts import qa_prompt
+
+        forget = forget_config(split)
+        retain = RETAIN_OF[forget]
+        if modality not in ("both", "visual", "text"):
+            raise BenchmarkError(f"modality={modality!r}: use both, visual or text")
+        suffix = "" if modality == "visual" else "+tofu"
+
+        def examples(config: str) -> list:
+            out = []
+            for i, row in enumerate(self.files.load(config)):
+                where = f"CLEAR config '{config}' row {i}"
+                if row.get("image") is not None:
+                    if modality == "text":
+                        continue
+                    question = random.Random(f"{seed}-{config}-{i}").choice(CAPTION_QUESTIONS)
+                    out.append(Example(qa_prompt(question, True), _text(row, "caption", where), _image(row, where)))
+                else:
+                    out.append(Example(qa_prompt(_text(row, "question", where), False), _text(row, "answer", where)))
+            return out
+
+        forget_ex, retain_ex = examples(forget + suffix), examples(retain + suffix)
+        forget_ids = sorted({r["name"] for r in self.files.load(forget)})
+        retain_ids = sorted({r["name"] for r in self.files.load(retain)})
+        overlap = sorted(set(forget_ids) & set(retain_ids))
+        if overlap:
+            raise UnlearningDataError(f"{len(overlap)} people are in both {forget} and {retain} "
+                                      f"({', '.join(overlap[:3])}); the forget and retain sets must be disjoint")
+        for config, ex in ((forget + suffix, forget_ex), (retain + suffix, retain_ex)):
+            if not ex:
+                raise UnlearningDataError(f"CLEAR config '{config}' gives no {modality} examples; choose another "
+                                          "modality or check the file")
+        return UnlearningData(forget=forget_ex, retain=retain_ex, forget_ids=forget_ids, retain_ids=retain_ids,
+                              source=f"{self.source} {forget + suffix} - {retain + suffix}")
 
     def evaluate(self, model, processor, split="forget05", **options):
         return evaluate_clear(model, processor, self, forget=split, **options)
