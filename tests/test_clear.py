@@ -138,7 +138,9 @@ def test_unlearning_data_follows_clears_mixed_forget_dataset(clear_dir, tmp_path
     assert any(q in image_ex[0].prompt for q in CAPTION_QUESTIONS)
     assert [e.prompt for e in text_ex] == ["USER: What does Ava Stone write?\nASSISTANT:",
                                           "USER: What does Ben Cole write?\nASSISTANT:"]
+    assert [e.answer for e in data.knowledge] == [f"{a[0]} writes short novels." for a in AUTHORS]  # every author
     assert len(bench.unlearning_data("forget05", modality="visual").forget) == 2
+    assert bench.unlearning_data("forget05", modality="visual").knowledge is None
     assert all(e.image is None for e in bench.unlearning_data("forget10", modality="text").forget)
     with pytest.raises(BenchmarkError, match="modality='audio'"):
         bench.unlearning_data(5, modality="audio")
@@ -160,6 +162,9 @@ def test_unlearn_cli_on_clear_then_eval(clear_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     record = json.loads((run / "run.json").read_text())
     assert record["examples"] == {"forget": 4, "retain": 8} and record["steps"] == 1
+    code = main(["unlearn", "--model", "tiny", "--data", f"clear:{clear_dir}", "--method", "mmunlearner",
+                 "--set", "max_steps=1", "--output", str(tmp_path / "mmu"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err  # its text-only preserve set: the TOFU pairs
     code = main(["eval", "--model", str(run / "model"), "--data", f"clear:{clear_dir}", "--limit", "1",
                  "--output", str(tmp_path / "after.json"), "--no-progress"])
     assert code == 0 and json.loads((tmp_path / "after.json").read_text())["forget"]["items"] == 1

@@ -248,7 +248,10 @@ class Clear(UnlearningBenchmark):
         ``modality``: ``"both"`` reads ``{split}+tofu`` / ``retain{100-N}+tofu`` (CLEAR's "both" runs),
         ``"visual"`` ``{split}`` / ``retain{100-N}`` (captions only), ``"text"`` the ``+tofu`` files' text rows only.
         The people (``forget_ids``, ``retain_ids``) are the ``name`` column of ``{split}`` and ``retain{100-N}``.
-        The caption question of row i is drawn from ``random.Random(f"{seed}-{config}-{i}")``.
+        The caption question of row i is drawn from ``random.Random(f"{seed}-{config}-{i}")``. ``knowledge``
+        (MMUnlearner's text-only preserve set) is every text pair of the two ``+tofu`` files (None for
+        ``"visual"``). Prompt Decouple (``pd=``) is not supported on the mixed data: the engine asks every forget
+        prompt about a retain image, and CLEAR's text rows have none.
         """
         from mlunlearn.collate import Example
         from mlunlearn.data.unlearning import UnlearningData, UnlearningDataError
@@ -284,7 +287,11 @@ class Clear(UnlearningBenchmark):
             if not ex:
                 raise UnlearningDataError(f"CLEAR config '{config}' gives no {modality} examples; choose another "
                                           "modality or check the file")
+        # MMUnlearner's preserve set for the language model: text-only pairs of every person, forget included
+        # (MLLMU-Bench's come from Full_Set); here TOFU's pairs of forget + retain, i.e. of full+tofu.
+        knowledge = [e for e in forget_ex + retain_ex if e.image is None] if suffix else None
         return UnlearningData(forget=forget_ex, retain=retain_ex, forget_ids=forget_ids, retain_ids=retain_ids,
+                              knowledge=knowledge or None,
                               source=f"{self.source} {forget + suffix} - {retain + suffix}")
 
     def evaluate(self, model, processor, split="forget05", **options):
