@@ -25,7 +25,7 @@ def _add_model_and_data(p) -> None:
                    help="'tiny', 'tiny-safety', a Hugging Face id, or a local model folder (default: tiny)")
     p.add_argument("--data", default="toyworld",
                    help="toyworld | mllmu-bench | mllmu-bench:<folder> | <folder>, a safety benchmark: "
-                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder>, or CLEAR (eval only): clear | "
+                        "toyworld-safety | safeeraser:<folder> | vlguard:<folder>, or CLEAR: clear | "
                         "clear:<folder> (default: toyworld)")
     p.add_argument("--forget", type=int, default=None, choices=(5, 10, 15),
                    help="forget percentage (MLLMU-Bench; default: 5). The safety benchmarks have none: they forget "
