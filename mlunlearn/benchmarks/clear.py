@@ -38,8 +38,8 @@ after ``mm/build_vllm_table.py``).
 Forget quality needs a second result, of a model trained without the forget set (``retain{100-N}``):
 ``reference=`` (``mlunlearn eval --gold``).
 
-**Unlearning** (:meth:`Clear.unlearning_data`): forget ``{forgetNN}+tofu``, retain ``retain{100-N}+tofu``, each image
-row a caption question → its ``caption`` and each text row TOFU's ``question`` → ``answer``, as CLEAR's
+**Unlearning** (:meth:`Clear.unlearning_data`): forget ``{forgetNN}+tofu``, retain ``retain{100-N}+tofu``, each
+image row a caption question → its ``caption`` and each text row TOFU's ``question`` → ``answer``, as CLEAR's
 ``MMMixedForgetDataset``; ``modality="visual"`` or ``"text"`` keeps one kind (CLEAR's single-modality runs).
 
 Choices where CLEAR's code is silent or random (the README says so too):
@@ -48,8 +48,9 @@ Choices where CLEAR's code is silent or random (the README says so too):
   paraphrase and perturbed captions of one image may be asked different questions. Here one question per
   image, drawn from ``random.Random(f"{seed}-{config}-{row}")``, serves all of them: reproducible, and the
   truth ratio compares answers to one prompt.
-- The prompt is LLaVA-1.5's ``USER: <image>\\n{question}\\nASSISTANT:`` (CLEAR applies the processor's chat
-  template, which for llava-hf LLaVA-1.5 is the same text).
+- The prompt is the package's ``USER: <image>\\n{question}\\nASSISTANT:`` (:func:`~mlunlearn.eval.prompts.qa_prompt`,
+  what the tiny model was trained on). CLEAR applies the processor's chat template; llava-hf's LLaVA-1.5 template
+  writes ``USER: <image>\\n{question} ASSISTANT:`` (a space, not a newline, before ``ASSISTANT:``).
 - CLEAR's ``calculate_metrics.py`` averages *all* items' perturbed losses into one number
   (``.mean()`` without ``axis``); TOFU's ``aggregate_eval_stat.py`` averages per item (``mean(axis=-1)``). We
   follow TOFU: a truth ratio per item.
