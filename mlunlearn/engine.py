@@ -529,6 +529,8 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         "trainable_parameters": n_trainable,
         "trainable_tensors": len(trainable),
         "parametrisation": parametrisation.name,
+        # how the trained model's weights were loaded: load_model(<this run>) reloads the base the same way
+        "quantization": "4bit" if getattr(_base_model(model), "is_loaded_in_4bit", False) else None,
         "reference": reference.kind if reference else None,
         "steps": trainer.state.global_step,
         "processes": args.world_size,  # > 1: a distributed launch, each step on world_size x batch_size pairs

@@ -356,3 +356,30 @@ def test_loss_on_a_reused_batch_is_computed_afresh(vanilla):
     second = method.total_loss(trained, batch, None)["loss"]  # new weights: a new value, no stale graph
     second.backward()
     assert set(batch) == {"forget_refusal", "retain"} and second.item() != first.item()
+
+
+def test_a_run_trained_on_a_4bit_base_reloads_its_base_in_4bits(vanilla, tmp_path, monkeypatch):
+    """run.json says how the base was loaded; load_model(<run>) reloads the base in 4 bits on a GPU (the
+    adapters were trained against it) and, where 4-bit cannot load (the CPU), at full precision with a
+    warning that says so."""
+    from mlunlearn.models import loading
+
+    out = tmp_path / "run"
+    _run(vanilla, output=out, max_steps=1, merge=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["quantization"] is None  # the tiny model was loaded unquantized
+    (out / "run.json").write_text(json.dumps({**run, "quantization": "4bit"}))
+    with pytest.warns(UserWarning, match="trained on a 4-bit base; loading it at full precision on cpu"):
+        loaded, _ = load_model(str(out), device="cpu", dtype=torch.float32)
+    assert not getattr(loaded, "is_loaded_in_4bit", False)
+
+    asked = []
+
+    def fake_load(name, device=None, dtype=None, quantization=None, attn_implementation=None):
+        asked.append((name, device, quantization))
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(loading, "load_model", fake_load)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        loading._load_run(out, "cuda:0", torch.float16, None, None)
+    assert asked == [(run["model"], "cuda:0", "4bit")]

@@ -12,6 +12,7 @@ Weights load from safetensors; remote code is never trusted.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -281,6 +282,15 @@ def _load_run(path: Path, device, dtype, quantization, attn_implementation):
                              "interrupted? Re-run it with --overwrite") from None
     from mlunlearn.methods.params import STATE_FILE
 
+    if quantization is None and run.get("quantization") == "4bit":
+        # trained against a 4-bit base: its adapters belong with that base. On a GPU reload it so; elsewhere
+        # (bitsandbytes 4-bit needs CUDA here) the full-precision base is the closest, and we say so
+        if str(device).startswith("cuda"):
+            quantization = "4bit"
+        else:
+            warnings.warn(f"{path} was trained on a 4-bit base; loading it at full precision on {device} (the "
+                          "adapters were trained against the quantized weights: scores can differ slightly)",
+                          stacklevel=3)
     if (path / STATE_FILE).is_file():
         from mlunlearn.methods import MethodError, get_method
         from mlunlearn.methods.params import load_trainable_state
