@@ -217,3 +217,30 @@ def test_vision_pretraining_teaches_the_tower_and_llava_training_keeps_it_frozen
     final = trained.state_dict()
     assert all(torch.equal(after[k], final[k]) for k in after if k.startswith("model.vision_tower."))
     assert not torch.equal(after["model.multi_modal_projector.linear_1.weight"], final["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_the_mllmu_vanilla_preset_loads_the_published_weights_with_llava_hf_processor(monkeypatch):
+    """"mllmu-vanilla-7b": weights from MLLMMU/LLaVA_Vanilla (safetensors or a weights-only .bin), the
+    processor from llava-hf/llava-1.5-7b-hf, as MLLMU-Bench's eval.py loads them. Nothing is downloaded:
+    the three loaders are replaced by recorders."""
+    import transformers
+
+    from mlunlearn.models import loading
+
+    seen = {}
+    monkeypatch.setattr(loading.LlavaConfig, "from_pretrained", lambda src, **kw: seen.setdefault("config", src))
+    monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", lambda src, **kw: seen.setdefault("processor", src))
+
+    def weights(src, **kw):
+        seen["weights"], seen["use_safetensors"] = src, kw.get("use_safetensors")
+        raise OSError("stop: no download in tests")
+
+    monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", weights)
+    with pytest.raises(loading.ModelLoadError, match="cannot load the weights of 'mllmu-vanilla-7b'"):
+        loading.load_model("mllmu-vanilla-7b", device="cpu")
+    assert seen == {"config": "MLLMMU/LLaVA_Vanilla", "processor": "llava-hf/llava-1.5-7b-hf",
+                    "weights": "MLLMMU/LLaVA_Vanilla", "use_safetensors": None}
+    # the .bin fallback is safe only while transformers unpickles checkpoints with weights_only=True
+    import inspect
+
+    assert inspect.signature(transformers.modeling_utils.load_state_dict).parameters["weights_only"].default is True

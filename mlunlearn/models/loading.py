@@ -23,6 +23,15 @@ from mlunlearn.utils import default_device, default_dtype, process_device
 TINY = "tiny"
 TINY_SAFETY = "tiny-safety"  # the tiny model that complies with the safety world (models/safety.py)
 
+# Published checkpoints by a short name: where the weights are, and where the processor is.
+# MLLMU-Bench's vanilla model: LLaVA-1.5-7B fine-tuned on the benchmark's 500 fictitious people (ft_Data;
+# LoRA r16 on the LLM, lr 2e-5, 5 epochs, merged), named in the MLLMU-Bench README as "MLLMMU/LLaVA_Vanilla".
+# The official eval.py loads its weights with LlavaForConditionalGeneration.from_pretrained and takes the
+# processor from llava-hf/llava-1.5-7b-hf, so we do the same. It is what chapters 2-4 and 10 unlearn on a GPU.
+PRESETS = {
+    "mllmu-vanilla-7b": {"weights": "MLLMMU/LLaVA_Vanilla", "processor": "llava-hf/llava-1.5-7b-hf"},
+}
+
 
 class ModelLoadError(ValueError):
     """A model that cannot be loaded as asked; the message names the problem and the fix."""
@@ -156,7 +165,8 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     """Load ``(model, processor)`` in eval mode.
 
     ``name``: ``"tiny"`` (the vanilla tiny model shipped with the package), ``"tiny-safety"`` (the tiny
-    model that complies with the safety world's harmful requests), a local folder, or a Hugging Face id.
+    model that complies with the safety world's harmful requests), ``"mllmu-vanilla-7b"`` (MLLMU-Bench's
+    published vanilla LLaVA-1.5-7B, :data:`PRESETS`), a local folder, or a Hugging Face id.
     ``device``/``dtype`` default to the machine's best (:func:`mlunlearn.utils.default_device`). Under a
     distributed launch (``accelerate launch``, ``torchrun``) ``cuda`` means this process's GPU,
     ``cuda:<LOCAL_RANK>`` (:func:`mlunlearn.utils.process_device`).
@@ -181,6 +191,8 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
             raise ModelLoadError(f"the tiny-safety weights are missing from {SAFETY_DIR}; reinstall the package or "
                                  "rebuild them with mlunlearn.models.train_safety_vanilla(out_dir=SAFETY_DIR)")
         source, local = str(SAFETY_DIR), SAFETY_DIR
+    elif name in PRESETS:
+        source = PRESETS[name]["weights"]
     else:
         path = Path(name).expanduser()
         looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -192,6 +204,12 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
                 return _load_run(path, device, dtype, quantization, attn_implementation)
             local = path
         source = str(path) if looks_local else name
+    processor_source, weights_files = source, True  # True: safetensors only
+    if name in PRESETS and local is None:
+        processor_source = PRESETS[name]["processor"]
+        # a published upload may hold only pytorch_model.bin: transformers then reads it with
+        # torch.load(weights_only=True), which unpickles tensors only (no code)
+        weights_files = None
     if local is not None:
         _check_llava(local)
         _check_weights(local)
@@ -215,7 +233,7 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
         raise ModelLoadError(f"cannot load {name!r} ({str(exc).splitlines()[0][:120]}); check the id or "
                              "folder, and the network (HF_HUB_OFFLINE=1 allows only cached models)") from None
     try:  # the processor before the weights: a bad tokenizer file should not cost a 14 GB load
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(processor_source)
     except (OSError, ValueError, TypeError, KeyError) as exc:  # tokenizer/processor files missing or corrupt
         raise ModelLoadError(f"cannot load the processor (tokenizer and image processor) of {name!r} "
                              f"({_first_line(exc)}); fix: save the processor beside the model with "
@@ -226,7 +244,7 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # why: a loading bar on stderr would differ run to run in notebooks
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
+        model = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=weights_files, **kwargs)
     except (SafetensorError, OSError) as exc:  # a hub download that is corrupt, or weights not found
         raise ModelLoadError(f"cannot load the weights of {name!r} ({_first_line(exc)}); fix: {_RESAVE}") from None
     finally:
