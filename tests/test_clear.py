@@ -263,3 +263,13 @@ def test_the_hub_path_reads_rows_through_datasets_without_the_network(clear_dir,
         monkeypatch.setattr(datasets, "load_dataset", lambda repo, config: fake_load_dataset(repo, "real_world")
                             .remove_columns(["options"]))
         open_clear("clear").load("real_world")
+
+
+def test_prompt_decouple_on_clears_text_rows_is_a_one_line_error_naming_the_fix(clear_dir, tmp_path, capsys):
+    """PD asks each forget question about another person's image; CLEAR's forget set mixes in TOFU's
+    text-only questions, which have none: the error says so and names pd=off (it used to say "image cell has
+    no bytes")."""
+    code = main(["unlearn", "--model", "tiny", "--data", f"clear:{clear_dir}", "--method", "ga",
+                 "--set", "pd=on", "--set", "max_steps=1", "--output", str(tmp_path / "run"), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "forget examples have no image", "fix: pd=off")
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -131,7 +131,15 @@ def add_prompt_decouple(data: UnlearningData, model, processor, batch_size: int 
     """
     from mlunlearn.eval.protocol import generate_replies
 
-    images = [e.image for e in data.retain]
+    textual = sum(e.image is None for e in data.forget)
+    if textual:  # e.g. CLEAR's forget sets, which mix TOFU's text-only questions with the faces
+        raise UnlearningDataError(f"Prompt Decouple asks each forget question about another person's image, and "
+                                  f"{textual} of the {len(data.forget)} forget examples have no image; fix: pd=off "
+                                  "for this data")
+    images = [e.image for e in data.retain if e.image is not None]
+    if not images:
+        raise UnlearningDataError("Prompt Decouple needs retain examples with images to ask the forget questions "
+                                  "about, and this retain set has none; fix: pd=off for this data")
     step = max(1, len(images) // max(1, len(data.forget)))
     others = [images[(i * step + step // 2) % len(images)] for i in range(len(data.forget))]
     replies = generate_replies(model, processor, [e.prompt for e in data.forget], [[im] for im in others],
