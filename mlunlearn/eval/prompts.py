@@ -47,8 +47,13 @@ def classification_prompt(question: str, options: dict, image: bool) -> str:
 
 
 def classification_shot(question: str, options: dict, answer: str, image: bool) -> str:
-    """The one-shot example the official script prepends (``Question: … Correct Answer: X``)."""
-    return _official_turn(f"Question: {format_options(question, options)}\nCorrect Answer: {answer}\n", image)
+    """One worked example as the official script prepends it (``Question: … Correct Answer: X``).
+
+    Why the letters are spelled out: the official example lists ``options['A']`` … ``options['D']`` in that
+    order (not the options' own order, as its question prompt does).
+    """
+    lines = "\n".join(f"{letter}: {options[letter]}" for letter in LETTERS)
+    return _official_turn(f"Question: {question}\n{lines}\nCorrect Answer: {answer}\n", image)
 
 
 def cloze_question(question: str) -> str:
@@ -62,7 +67,7 @@ def cloze_prompt(question: str, image: bool) -> str:
 
 
 def cloze_shot(question: str, answer: str, image: bool) -> str:
-    """The official cloze shot; note ``USER:<image>`` without a space, as the official script writes it."""
+    """One official cloze example; note ``USER:<image>`` without a space, as the official script writes it."""
     head = f"USER:{IMAGE_TOKEN}" if image else "USER:"
     return f"{head}\n{cloze_question(question)}\nCorrect Answer: {answer}\n"
 

@@ -24,11 +24,14 @@ reproducible and does not depend on ``limit`` or batch size.
 
 from __future__ import annotations
 
+import inspect
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mlunlearn.data import BenchmarkError, decode_image, open_benchmark
 from mlunlearn.eval import prompts
@@ -69,9 +72,12 @@ TASK_COLUMNS = {"fill_in_the_blank": "Mask_Task", "classification": "Classificat
                 "generation": "Generation_Task"}
 # Classification_Task's two lists.
 CLASSIFICATION_LISTS = ((IMAGE, "Image_Textual_Questions"), (TEXT, "Pure_Text_Questions"))
-# Modes where the official script prepends one-shot examples (its classification code leaves out
-# retain_celebrity; its cloze code includes it, but the shot person is looked up in Full_Set, where a
-# celebrity is not found, so in practice there is no shot there either).
+# few_shot: how many people's questions the official script's LLaVA branch prepends, per task (eval.py:
+# ``random.sample(id_list, 1)`` in evaluate_classification, ``random.sample(id_list, 2)`` in
+# evaluate_fill_in_the_blank), and the modes whose prompts carry them (its classification code leaves out
+# retain_celebrity; its cloze code includes it, but the people are looked up in Full_Set, where a
+# celebrity is not found, so in practice there are no examples there either).
+SHOT_PEOPLE = {"classification": 1, "fill_in_the_blank": 2}
 SHOT_MODES = {"classification": ("forget", "test", "retain_shared"),
               "fill_in_the_blank": ("forget", "test", "retain_shared", "retain_celebrity")}
 
@@ -127,6 +133,114 @@ def _decode(obj: Any, source: str):
         ) from None
 
 
+def _max_positions(model) -> int | None:
+    """The language model's number of positions (``max_position_embeddings``), or None when not stated."""
+    config = getattr(model, "config", None)
+    return getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+
+
+def _image_encoder(model):
+    """``model.get_image_features`` when the model's forward takes its output as ``mm_encoder_outputs``.
+
+    Why: transformers 5 ``generate`` encodes the images (vision tower + projector) before the first
+    forward and passes the projected features to it as ``mm_encoder_outputs``; handing it features we
+    encoded once per image is the same forward, without encoding an image again for every question.
+    """
+    try:
+        takes = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return getattr(model, "get_image_features", None) if takes else None
+
+
+class _Inputs:
+    """Model inputs for batches of prompts, each distinct image decoded, preprocessed and encoded once.
+
+    Images are keyed by the identity of the objects the caller passes (MLLMU-Bench: one object per row,
+    shared by that person's questions). The processor path (``processor(text, images)``) is replaced by its
+    parts: every image preprocessed alone and its placeholder expanded with the processor's own
+    ``replace_image_token`` / ``get_text_with_replacements``, then the tokenizer on the batch. On the first
+    batch with images both are computed, and the parts are used only if they give the processor's exact
+    ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected features of each image
+    are encoded alone and reused only if they equal, bit for bit, the features of that batch encoded
+    together (what ``generate`` would compute). Otherwise this batch and the later ones fall back to the
+    processor / to ``pixel_values``. Caches are bounded (least recently used images go first).
+    """
+
+    def __init__(self, model, processor, device, dtype, cache_bytes: int = 512 * 2**20):
+        self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        self.parts = all(hasattr(processor, name) for name in ("image_processor", "tokenizer", "replace_image_token",
+                                                                  "get_text_with_replacements"))
+        self.encoder = _image_encoder(model)
+        self.checked = False
+        self.cache_bytes = cache_bytes
+        self.pixels: OrderedDict = OrderedDict()  # id(image) -> (image, pixel_values (1, C, H, W), placeholder text)
+        self.features: OrderedDict = OrderedDict()  # id(image) -> (image, projected features (tokens, width))
+
+    def __call__(self, texts: list[str], images: list[tuple[Any, str]]) -> dict:
+        if not images or not self.parts:
+            pictures = [_decode(image, source) for image, source in images]
+            inputs = self.processor(text=texts, images=pictures or None, return_tensors="pt", padding=True)
+            return self._to_device(dict(inputs))
+        prepared = [self._pixels(image, source) for image, source in images]
+        expanded, _ = self.processor.get_text_with_replacements(list(texts), [text for _, text in prepared])
+        inputs = dict(self.processor.tokenizer(expanded, return_tensors="pt", padding=True))
+        pixel_values = torch.cat([pixels for pixels, _ in prepared])
+        if not self.checked:
+            self.checked = True
+            reference = self.processor(text=texts, images=[_decode(image, source) for image, source in images],
+                                       return_tensors="pt", padding=True)
+            same = set(reference) == set(inputs) | {"pixel_values"} and all(
+                torch.equal(reference[k], pixel_values if k == "pixel_values" else inputs[k]) for k in reference)
+            if not same:
+                self.parts = False
+                return self._to_device(dict(reference))
+            if self.encoder is not None:
+                together = self.encoder(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
+                alone = [self._features(image, pixels) for (image, _), (pixels, _) in zip(images, prepared)]
+                if not all(torch.equal(a, b) for a, b in zip(together, alone)):
+                    self.encoder = None
+        if self.encoder is None:
+            return self._to_device({**inputs, "pixel_values": pixel_values})
+        features = [self._features(image, pixels) for (image, _), (pixels, _) in zip(images, prepared)]
+        inputs = self._to_device(inputs)
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return inputs
+
+    def _to_device(self, inputs: dict) -> dict:
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _pixels(self, image, source: str):
+        key = id(image)
+        if key in self.pixels:
+            self.pixels.move_to_end(key)
+        else:
+            picture = _decode(image, source)
+            pixels = self.processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"]
+            placeholder = self.processor.replace_image_token({"pixel_values": pixels}, 0)
+            self.pixels[key] = (image, pixels, placeholder)  # why keep the image: its id() stays its own
+            self._trim(self.pixels, lambda entry: entry[1])
+        return self.pixels[key][1:]
+
+    def _features(self, image, pixels: torch.Tensor) -> torch.Tensor:
+        key = id(image)
+        if key in self.features:
+            self.features.move_to_end(key)
+        else:
+            encoded = self.encoder(pixel_values=pixels.to(self.device, self.dtype)).pooler_output[0]
+            self.features[key] = (image, encoded)
+            self._trim(self.features, lambda entry: entry[1])
+        return self.features[key][1]
+
+    def _trim(self, cache: OrderedDict, tensor) -> None:
+        while len(cache) > 1 and sum(tensor(e).numel() * tensor(e).element_size() for e in cache.values()) \
+                > self.cache_bytes:
+            cache.popitem(last=False)
+
+
 @torch.inference_mode()
 def generate_replies(
     model,
@@ -145,7 +259,19 @@ def generate_replies(
     ``prompts_[i]`` holds one ``<image>`` per entry of ``images[i]`` (possibly none). Prompts are grouped
     by their number of images so that every batch is homogeneous (all text-only or all with images),
     sorted by length within a group to limit padding, and left-padded so that every sequence ends where
-    generation starts. Returns the decoded new tokens only (special tokens dropped), one string per prompt.
+    generation starts; ``generate`` stops a batch as soon as every sequence has written its end token.
+    Returns the decoded new tokens only (special tokens dropped), one string per prompt.
+
+    Which prompts share a batch depends on ``batch_size`` only, and each batch's inputs are exactly what
+    ``processor(text, images)`` gives: the replies are the same at any speed-up below. Speed: each
+    distinct image is decoded, preprocessed and encoded (vision tower + projector) once per call, not once
+    per question, and its features are passed to ``generate`` as ``mm_encoder_outputs`` (see
+    :class:`_Inputs`). A larger ``batch_size`` is faster still (fewer forward passes; 64 on the tiny model)
+    but may move logits in their last float bits, since a sequence's padding changes with its batch.
+
+    A prompt that leaves the model no position for its reply (its tokens, images expanded, at least the
+    language model's ``max_position_embeddings``) is a :class:`~mlunlearn.data.BenchmarkError`, raised
+    before its batch runs: beyond its positions a model reads rotary positions it was never trained on.
     """
     n = len(prompts_)
     images = [list(x) for x in images] if images is not None else [[] for _ in range(n)]
@@ -168,17 +294,17 @@ def generate_replies(
         tokenizer.pad_token = tokenizer.eos_token
     device = getattr(model, "device", None) or next(model.parameters()).device
     dtype = getattr(model, "dtype", torch.float32)
+    positions = _max_positions(model)
     was_training = model.training
     model.eval()
+    prepare = _Inputs(model, processor, device, dtype)
     replies: list[str] = [""] * n
     try:
         for batch in progress_bar(batches, desc, progress, leave=False):
-            texts = [prompts_[i] for i in batch]
-            pictures = [_decode(img, sources[i]) for i in batch for img in images[i]]
-            inputs = processor(text=texts, images=pictures or None, return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs = prepare([prompts_[i] for i in batch], [(img, sources[i]) for i in batch for img in images[i]])
+            if positions is not None:
+                _check_fits(inputs["attention_mask"].sum(1).tolist(), positions, [sources[i] for i in batch],
+                            [len(images[i]) for i in batch])
             output = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -192,6 +318,18 @@ def generate_replies(
         tokenizer.padding_side, tokenizer.pad_token = saved
         model.train(was_training)
     return replies
+
+
+def _check_fits(lengths: list[int], positions: int, sources: list[str], n_images: list[int]) -> None:
+    """One-line error when a prompt (tokens, images expanded) leaves no position for the reply."""
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] >= positions:
+        raise BenchmarkError(
+            f"the prompt of {sources[longest]} is {lengths[longest]} tokens ({n_images[longest]} image(s) "
+            f"expanded), but the model has {positions} positions (max_position_embeddings) and needs one for "
+            "the reply; fix: shorter prompts (e.g. evaluate without --few-shot: the official examples add "
+            "up to 4 images and their questions to a prompt) or a model with more positions (LLaVA-1.5: 4096)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,24 +412,61 @@ def _scorer(task: str, reference: str) -> Callable[[str], dict[str, float]]:
     return lambda reply: {**rouge_scores(reply, reference), "bleu": bleu(reply, reference)}
 
 
-def _pick_shots(task: str, mode: str, ids: list[str], shot_rows: dict[str, dict], seed: int) -> dict:
-    """The one-shot examples for (task, mode): ``{modality: (ID, index, question, image)}``.
+@dataclass
+class Shots:
+    """The worked examples ``few_shot`` puts before the questions of one (task, mode).
 
-    As in the official script, the shot person is drawn from the mode's own IDs and their questions
-    are read from ``Full_Set``; we take that person's *first* question of each modality (the official
-    LLaVA branch prepends all of them; its Idefics branch, the first one). That question is then left
-    out of the evaluation (matched by ID and index, as the official script does).
+    ``people``: the sampled IDs, in ``Full_Set`` order (the order the official script prepends them in);
+    ``examples``: ``{modality: [(question, image), ...]}``, every question of those people in that order;
+    ``skipped``: the ``(ID, modality, index)`` of every question used as an example, left out of scoring;
+    ``prepend``: whether this mode's prompts carry the examples (see :data:`SHOT_MODES`).
     """
-    if mode not in SHOT_MODES.get(task, ()) or not ids:
-        return {}
-    shot_id = random.Random(f"{seed}-shot-{task}-{mode}").choice(sorted(set(ids)))
-    row = shot_rows.get(shot_id)
-    if row is None:
-        return {}
-    shots = {}
-    for modality, index, q in _questions(row, task):
-        shots.setdefault(modality, (shot_id, index, q, row["image"]))
-    return shots
+
+    people: list[str]
+    examples: dict[str, list[tuple[dict, Any]]]
+    skipped: set[tuple[str, str, int]]
+    prepend: bool
+
+
+def _pick_shots(task: str, mode: str, ids: list[str], shot_rows: dict[str, dict], seed: int) -> Shots | None:
+    """The official few-shot examples of (task, mode), or None for a task without any (generation).
+
+    The rule of the official script's LLaVA branch (MLLMU-Bench ``eval.py``, ``evaluate_classification``
+    and ``evaluate_fill_in_the_blank``: ``selected_ids = random.sample(id_list, k)`` and the loop over
+    ``few_shot_df[few_shot_df['ID'].isin(selected_ids)]`` after it):
+
+    - ``k`` = :data:`SHOT_PEOPLE` people (1 for classification, 2 for cloze) are sampled without
+      replacement from the mode's own IDs (``ids``, in the mode's order: the forget people for forget and
+      test, the retained people for retain_shared, the celebrities for retain_celebrity);
+    - their rows are read from ``Full_Set`` (``shot_rows``); an ID not found there (a celebrity) gives no
+      example and drops nothing;
+    - *every* question of those people becomes an example (classification: all of both lists; cloze:
+      every ``Mask_Task`` item, by its ``Type``), and each of them is skipped where it would be scored
+      (matched by ID, modality and index), which drops the sampled people from the scores.
+
+    The official script samples with the unseeded global ``random``; here the draw is seeded (``seed``,
+    task, mode), so a run is reproducible but no seed reproduces one particular official run.
+    """
+    k = SHOT_PEOPLE.get(task, 0)
+    if not k:
+        return None
+    population = list(dict.fromkeys(ids))
+    if len(population) <= k:
+        raise BenchmarkError(
+            f"--few-shot takes the {task} examples from {k} of the {mode} mode's people and leaves them out of "
+            f"the scores, but the mode has only {len(population)}, so nothing would be scored; fix: evaluate "
+            "without --few-shot, or use a forget split with more people"
+        )
+    sampled = set(random.Random(f"{seed}-shot-{task}-{mode}").sample(population, k))
+    people = [i for i in shot_rows if i in sampled]  # Full_Set order, as the official loop over its rows
+    examples: dict[str, list[tuple[dict, Any]]] = {IMAGE: [], TEXT: []}
+    skipped = set()
+    for shot_id in people:
+        row = shot_rows[shot_id]
+        for modality, index, q in _questions(row, task):
+            examples[modality].append((q, row["image"]))
+            skipped.add((shot_id, modality, index))
+    return Shots(people, examples, skipped, prepend=mode in SHOT_MODES[task])
 
 
 def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks: Sequence[str] = TASKS,
@@ -299,8 +474,18 @@ def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks
     """Every question of the requested modes and tasks, as prompts ready for :func:`generate_replies`.
 
     ``limit`` keeps the first ``limit`` questions of each (mode, task, modality), for quick runs.
-    ``few_shot=True`` prepends the official one-shot example to classification and cloze prompts
-    (see :func:`_pick_shots`); off by default, because our models are trained on the zero-shot prompts.
+
+    ``few_shot=True`` follows the official script's examples rule (see :func:`_pick_shots`): before a
+    classification question, every question of 1 person sampled from the mode's people, each with its
+    answer (``Question: …\nA: …\n…\nCorrect Answer: X\n``); before a cloze question, every cloze item of 2
+    people (``…\nCorrect Answer: word\n``); the examples of the question's own modality only, an image
+    question carrying one copy of the example person's ``Full_Set`` image per image example before its own
+    (tiny world: 4 images in a classification prompt, 5 in a cloze one); the sampled people are left out of
+    that task's scores. Generation has no examples. Off by default: our models are trained on the
+    zero-shot prompts, and the official examples make prompts longer than the tiny model's 256 positions
+    (:func:`generate_replies` refuses them). The published MLLMU-Bench numbers (the paper's tables and
+    MANU's, which ran the same script) come from a script that always prepends them: it has no zero-shot
+    switch.
     """
     configs = mode_configs(forget)
     unknown = [m for m in modes if m not in MODES] + [t for t in tasks if t not in TASKS]
@@ -311,7 +496,7 @@ def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks
     forget_ids = {r["ID"] for r in forget_rows}
     shot_rows = {}
     if few_shot:
-        # Why Full_Set: the official shots come from it; without it, the forget and retain rows hold the same people.
+        # Why Full_Set: the official examples come from it; without it, forget + retain hold the same people.
         source = ["Full_Set"] if bench.has("Full_Set") else [configs["forget"], configs["retain_shared"]]
         shot_rows = {r["ID"]: r for config in source for r in _require(bench, config, columns, "--few-shot")}
 
@@ -331,23 +516,26 @@ def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks
                     "test mode (modes=...)"
                 )
         for task in tasks:
-            shots = _pick_shots(task, mode, [r["ID"] for r in rows], shot_rows, seed) if few_shot else {}
+            shots = None
+            if few_shot:  # the official id_list: the forget people in test mode, else the mode's own
+                people = [r["ID"] for r in (forget_rows if mode == "test" else rows)]
+                shots = _pick_shots(task, mode, people, shot_rows, seed)
             counts = {IMAGE: 0, TEXT: 0}
             for row in rows:
                 image = _row_image(row, mode, seed)
                 for modality, index, q in _questions(row, task):
-                    shot = shots.get(modality)
-                    if shot and (row["ID"], index) == shot[:2]:
-                        continue  # the official script skips the question used as the example
+                    if shots and (row["ID"], modality, index) in shots.skipped:
+                        continue  # the official script skips the questions used as examples
                     if limit is not None and counts[modality] >= limit:
                         continue
                     counts[modality] += 1
                     with_image = modality == IMAGE
                     prompt = _prompt(task, q, with_image)
                     item_images = [image] if with_image else []
-                    if shot:
-                        prompt = _shot(task, shot[2], with_image) + prompt
-                        item_images = ([shot[3]] if with_image else []) + item_images
+                    if shots and shots.prepend:
+                        examples = shots.examples[modality]
+                        prompt = "".join(_shot(task, example, with_image) for example, _ in examples) + prompt
+                        item_images = [picture for _, picture in examples if with_image] + item_images
                     reference = q["Correct_Answer"] if task == "classification" else q["Ground_Truth"]
                     queries.append(Query(
                         prompt=prompt,

@@ -60,10 +60,23 @@ def answer_matches(reply: str, answer: str) -> bool:
     return bool(target) and re.search(rf"\b{re.escape(target)}\b", _normalise(clean_reply(reply))) is not None
 
 
+class _RememberingStemmer:
+    """A Porter stemmer that remembers its answers: ``stem`` is a pure function of the word, so the scores
+    are unchanged, and the few hundred words replies are made of are not stemmed again for every reply
+    (stemming was most of the time ROUGE took)."""
+
+    def __init__(self, stemmer):
+        self.stem = lru_cache(maxsize=1 << 16)(stemmer.stem)
+
+
 @lru_cache(maxsize=1)
 def _rouge() -> rouge_scorer.RougeScorer:
     # Why cached: building the scorer (and its Porter stemmer) once keeps per-item scoring cheap.
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    tokenizer = getattr(scorer, "_tokenizer", None)
+    if getattr(tokenizer, "_stemmer", None) is not None:  # rouge_score's DefaultTokenizer
+        tokenizer._stemmer = _RememberingStemmer(tokenizer._stemmer)
+    return scorer
 
 
 def rouge_scores(reply: str, reference: str) -> dict[str, float]:
