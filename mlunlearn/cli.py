@@ -47,7 +47,9 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--limit", type=_positive, default=None,
                    help="keep the first N questions of each mode, task and modality (quick runs; safety "
                         "benchmarks: the first N items of each file)")
-    p.add_argument("--few-shot", action="store_true", help="prepend the official one-shot examples")
+    p.add_argument("--few-shot", action="store_true",
+                   help="prepend the official few-shot examples: every question of 1 sampled person (classification) "
+                        "or 2 (cloze), those people left out of the scores")
     p.add_argument("--benign", default=None, metavar="PATH",
                    help="also measure benign-question accuracy and refusal rate; write them to PATH")
     p.add_argument("--seed", type=_seed, default=0,
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_methods(subparsers)
     _add_unlearn(subparsers)
     _add_bench(subparsers)
+    from mlunlearn.memory import add_parser as _add_memory
+
+    _add_memory(subparsers)
     return parser
 
 

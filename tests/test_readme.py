@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = {"bad_input": "test_bad_input.py", "runs": "test_runs.py", "cli": "test_cli.py",
            "engine": "test_engine.py", "mmunlearner": "test_mmunlearner.py", "nullspace": "test_nullspace.py",
            "continual": "test_continual.py", "cagul": "test_cagul.py", "saliency": "test_saliency.py",
-           "safety": "test_safety.py", "bench": "test_bench.py",
-           "clear": "test_clear.py", "multigpu": "test_multigpu.py"}
+           "safety": "test_safety.py", "bench": "test_bench.py", "protocol": "test_protocol.py",
+           "clear": "test_clear.py", "multigpu": "test_multigpu.py", "memory": "test_memory.py"}
 
 
 def _table_rows() -> list[str]:
