@@ -489,7 +489,25 @@ def _benign(spec, cell, folder, bench, model, processor, models, run) -> None:
 
     options = {**_eval_options(spec), "limit": spec.benign_limit}
     result = evaluate_benign(model, processor, _SampledBenign(bench), cell.forget, **options)
-    _write_json(folder / BENIGN_FILE, result.to_benign())
+    _write_json(folder / BENIGN_FILE, {"by_part": benign_parts(result.records), **result.to_benign()})
+
+
+def benign_parts(records) -> dict:
+    """Benign accuracy and refusal rate (%) in three parts: ``forget`` (questions about the forget people's
+    images), ``other`` (every other question with a visible answer; on the real MLLMU-Bench, which has no
+    reference answers, every other question) and ``idk`` (questions whose right answer is "I don't know":
+    blank and noise images, a missing trait; refusing there is correct)."""
+    from mlunlearn.data.refusals import IDK
+
+    parts = {"forget": [], "other": [], "idk": []}
+    for r in records:
+        parts["forget" if r.in_forget else "idk" if r.reference == IDK else "other"].append(r.scores)
+    out = {}
+    for part, scores in parts.items():
+        out[part] = {m: 100 * sum(s[m] for s in scores) / len(scores) for m in ("accuracy", "refusal_rate")
+                     if scores and all(m in s for s in scores)}
+        out[part]["n"] = len(scores)
+    return out
 
 
 def _relearn(spec, cell, folder, bench, model, processor, models, run) -> None:
@@ -572,7 +590,8 @@ def extras_headline(folder) -> dict:
     ``mia_<attack>_auc`` and ``privleak`` (Min-k%'s, against AUC 0.5, as MUSE reports it);
     ``heldback_forget_<metric>`` (the unlearned model on the forget people left out of the relearning slice)
     and ``relearned_forget_<metric>`` (the same people after relearning), with ``heldback_nll`` /
-    ``relearned_nll`` (their training answers' loss); ``benign_{forget,other}_{accuracy,refusal}`` (%)."""
+    ``relearned_nll`` (their training answers' loss); ``benign_{forget,other,idk}_{accuracy,refusal}`` (%,
+    :func:`benign_parts`)."""
     folder = Path(folder)
     row = {}
     if (folder / MIA_FILE).is_file():
@@ -585,11 +604,11 @@ def extras_headline(folder) -> dict:
             row.update({f"{prefix}_{k}": v for k, v in mllmu_headline(attack[when]).items()})
             row[f"{prefix}_nll"] = attack["rest_nll"][when]
     if (folder / BENIGN_FILE).is_file():
-        benign = json.loads((folder / BENIGN_FILE).read_text())["by_forget_set"]
-        for part, name in (("forget", "forget"), ("not_forget", "other")):
+        benign = json.loads((folder / BENIGN_FILE).read_text())["by_part"]
+        for part, values in benign.items():
             for metric, short in (("accuracy", "accuracy"), ("refusal_rate", "refusal")):
-                if metric in benign.get(part, {}):
-                    row[f"benign_{name}_{short}"] = benign[part][metric]
+                if metric in values:
+                    row[f"benign_{part}_{short}"] = values[metric]
     return row
 
 
@@ -644,7 +663,7 @@ def _write_csv(path: Path, table) -> None:
 
 # The extra columns the command line prints (the CSV files hold them all).
 PRINTED_EXTRAS = ("mia_loss_auc", "mia_min_k_pp_auc", "privleak", "heldback_forget_cls_img", "relearned_forget_cls_img",
-                  "benign_forget_refusal", "benign_other_refusal")
+                  "benign_forget_accuracy", "benign_other_accuracy", "benign_other_refusal")
 
 
 def printed_columns(columns) -> list:
@@ -669,16 +688,28 @@ def plot_tradeoff(board, path, safety: bool = False) -> Path:
     if not board.empty and x not in board.columns:  # another safety benchmark: its first file that is not train
         splits = [c[:-4] for c in board.columns if c.endswith("_ASR") and not c.startswith("train_")]
         x, y = (f"{splits[0]}_ASR", f"{splits[0]}_SARR") if splits else ("train_ASR", "train_SARR")
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    handles = []
     if not board.empty:
         means = board.groupby(["method", "forget"], sort=False)[[x, y]].mean().reset_index()
         shapes = dict(zip(dict.fromkeys(means["forget"]), "osD^vP*X"))
-        colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-        colour = {m: "grey" if m == "vanilla" else next(colours) for m in dict.fromkeys(means["method"])}
+        methods = [m for m in dict.fromkeys(means["method"]) if m != "vanilla"]
+        palette = [c for c in plt.get_cmap("tab10" if len(methods) <= 9 else "tab20").colors
+                   if max(c) - min(c) > 0.05]  # no greys: grey is the vanilla's
+        colour = {"vanilla": "grey", **{m: palette[i % len(palette)] for i, m in enumerate(methods)}}
         for _, r in means.iterrows():
-            label = r["method"] + (f", forget {r['forget']}%" if len(shapes) > 1 else "")
-            ax.scatter(r[x], r[y], marker=shapes[r["forget"]], s=70, color=colour[r["method"]], label=label,
-                       edgecolor="black", linewidth=0.5, zorder=3)
+            ax.scatter(r[x], r[y], marker=shapes[r["forget"]], s=70, color=colour[r["method"]], edgecolor="black",
+                       linewidth=0.5, zorder=3)
+        # One legend entry per method (colour) and per forget size (shape): readable for a whole grid.
+        handles = [Line2D([], [], marker="o", linestyle="", color=colour[m], markeredgecolor="black", label=m)
+                   for m in dict.fromkeys(means["method"])]
+        if len(shapes) > 1:
+            handles += [Line2D([], [], marker=shape, linestyle="", color="white", markeredgecolor="black",
+                               label=f"forget {f}%" if isinstance(f, int) else str(f)) for f, shape in shapes.items()]
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
     names = {"forget_cls_img": "forget: classification accuracy, image (%; lower: forgotten)",
              "retain_cls_img": "retain: classification accuracy, image (%; higher: kept)",
              "val_ASR": "val ASR (%; lower: safer)", "val_SARR": "val SARR (%; lower: fewer over-refusals)"}
@@ -686,8 +717,8 @@ def plot_tradeoff(board, path, safety: bool = False) -> Path:
     ax.set_ylabel(names.get(y, y))
     ax.set_title("forget vs retain (mean over seeds)")
     ax.grid(alpha=0.3)
-    if not board.empty:
-        ax.legend(fontsize=8, loc="best")
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -697,13 +728,14 @@ def plot_tradeoff(board, path, safety: bool = False) -> Path:
     return path
 
 
-BENIGN_PARTS = (("forget", "the forget people's images"), ("other", "every other image"))
+BENIGN_PARTS = (("forget", "forget people's images"), ("other", "other images, answer visible"),
+                ("idk", "right answer: \"I don't know\""))
 
 
 def plot_benign(board, path) -> Path:
-    """Benign visual questions per method (mean over seeds): accuracy and refusal rate (%), on the forget
-    people's images and on every other image (other people, strangers, blank and noise images, where "I
-    don't know" can be the right answer). The real MLLMU-Bench has no reference answers: refusal only."""
+    """Benign visual questions per method (mean over seeds): accuracy and refusal rate (%) in the three parts
+    of :func:`benign_parts` (refusing is over-refusal in the first two, correct in the third). The real
+    MLLMU-Bench has no reference answers: refusal only, forget and other."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -711,26 +743,31 @@ def plot_benign(board, path) -> Path:
     import numpy as np
 
     metrics = [m for m in ("accuracy", "refusal") if any(c.startswith("benign_") and c.endswith(m) for c in board)]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5.0 * max(1, len(metrics)), 3.8), squeeze=False)
-    if not board.empty and metrics:
-        columns = [c for c in board.columns if c.startswith("benign_")]
-        means = board.groupby(["method", "forget"], sort=False)[columns].mean().reset_index()
+    means = board.groupby(["method", "forget"], sort=False)[[c for c in board.columns if c.startswith("benign_")]] \
+        .mean().reset_index() if not board.empty and metrics else None
+    groups = 0 if means is None else len(means)
+    fig, axes = plt.subplots(max(1, len(metrics)), 1, figsize=(max(6.0, 0.5 * groups + 2.0), 2.6 * max(1, len(metrics))
+                                                                + 0.8), squeeze=False, sharex=True)
+    if means is not None:
         several = means["forget"].nunique() > 1
-        labels = [m + (f"\n{f}%" if several else "") for m, f in zip(means["method"], means["forget"])]
-        x = np.arange(len(means))
-        for ax, metric in zip(axes[0], metrics):
+        labels = [m + (f" {f}%" if several else "") for m, f in zip(means["method"], means["forget"])]
+        x = np.arange(groups)
+        for ax, metric in zip(axes[:, 0], metrics):
             for i, (part, text) in enumerate(BENIGN_PARTS):
                 column = f"benign_{part}_{metric}"
                 if column in means:
-                    ax.bar(x + (i - 0.5) * 0.38, means[column], width=0.38, label=text, edgecolor="black",
-                           linewidth=0.5, color=("tab:red", "tab:blue")[i])
-            ax.set_xticks(x, labels, fontsize=8)
+                    ax.bar(x + (i - 1) * 0.27, means[column], width=0.27, label=text, edgecolor="black",
+                           linewidth=0.4, color=("tab:red", "tab:blue", "tab:grey")[i])
             ax.set_ylim(0, 105)
-            ax.set_ylabel(f"benign {'accuracy' if metric == 'accuracy' else 'refusal rate'} (%)")
+            ax.set_xlim(-0.6, groups - 0.4)
+            ax.set_ylabel(f"{'accuracy' if metric == 'accuracy' else 'refusal rate'} (%)")
             ax.grid(alpha=0.3, axis="y")
-        axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("benign visual questions (mean over seeds)")
-    fig.tight_layout()
+        axes[-1, 0].set_xticks(x, labels, rotation=40 if groups > 4 else 0, ha="right" if groups > 4 else "center",
+                               fontsize=8)
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.995))
+    fig.suptitle("benign visual questions (mean over seeds)", y=0.94, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -91,6 +91,53 @@ def test_a_grid_writes_each_cell_the_leaderboards_and_the_figure(grid, capsys):
     ga = board[board["method"] == "ga"]
     assert means.loc[1, "retain_cls_img_mean"] == pytest.approx(ga["retain_cls_img"].mean())
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "benign.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_vanilla
+def test_each_cell_has_membership_inference_relearning_and_benign_columns(grid):
+    out, _ = grid
+    board = pd.read_csv(out / "leaderboard.csv")
+    for attack in ("loss", "zlib", "min_k", "min_k_pp"):
+        assert board[f"mia_{attack}_auc"].between(0, 1).all()
+    vanilla = board.iloc[0]
+    assert vanilla["mia_loss_auc"] > 0.9 and vanilla["privleak"] < -90  # the vanilla gives its people away
+    mia = json.loads((out / "runs/ga/forget5_seed1/mia.json").read_text())
+    assert (mia["members"], mia["nonmembers"], mia["k"]) == (15, 90, 0.2)
+    assert board.loc[2, "mia_min_k_pp_auc"] == mia["auc"]["min_k_pp"]
+    relearn = json.loads((out / "runs/ga/forget5_seed1/relearn.json").read_text())
+    assert len(relearn["slice"]) == 1 and len(relearn["rest"]) == 4 and relearn["steps"] == 10
+    assert relearn["seed"] == 1 and relearn["lr"] == 1e-3  # the cell's seed and GA's learning rate
+    assert relearn["slice"] != json.loads((out / "runs/ga/forget5_seed0/relearn.json").read_text())["slice"]
+    for prefix in ("heldback_forget", "relearned_forget"):
+        assert {f"{prefix}_cls_img", f"{prefix}_rougeL_text"} <= set(board.columns)
+    assert board.loc[2, "relearned_nll"] == relearn["rest_nll"]["after"]
+    benign = json.loads((out / "runs/vanilla/forget5/benign.json").read_text())
+    assert benign["by_forget_set"]["forget"]["n"] == 40  # --benign-limit's 40 per group and forget membership
+    parts = benign["by_part"]
+    assert parts["forget"]["n"] == 40 and parts["other"]["n"] + parts["idk"]["n"] == benign["by_forget_set"][
+        "not_forget"]["n"]
+    assert vanilla["benign_forget_accuracy"] == parts["forget"]["accuracy"] > 80
+    assert vanilla["benign_idk_refusal"] > 80 > vanilla["benign_other_refusal"]  # it refuses where it should
+    for part in ("forget", "other", "idk"):
+        assert board[f"benign_{part}_refusal"].between(0, 100).all()
+    means = pd.read_csv(out / "leaderboard_mean.csv")
+    assert {"mia_loss_auc_mean", "relearned_forget_cls_img_mean", "benign_other_refusal_std"} <= set(means.columns)
+
+
+def test_the_extra_evaluations_are_on_where_they_apply_and_recorded_in_the_spec():
+    spec = mb.GridSpec(methods="ga")
+    assert (spec.mia, spec.relearn, spec.benign) == (True, True, True)
+    assert spec.to_json()["relearn"] == {"steps": 10, "fraction": 0.2} and spec.to_json()["benign"] == {"limit": 40}
+    hub = mb.GridSpec(methods="ga", data="mllmu-bench")  # no held-out people: no MIA, the rest as usual
+    assert (hub.mia, hub.relearn, hub.benign) == (False, True, True)
+    safety = mb.GridSpec(methods="po", data="toyworld-safety")
+    assert (safety.mia, safety.relearn, safety.benign) == (False, False, False)
+    off = mb.GridSpec(methods="ga", mia=False, relearn=False, benign=False, relearn_steps=3)
+    assert (off.to_json()["mia"], off.to_json()["relearn"], off.to_json()["benign"]) == (False, False, False)
+    assert mb.GridSpec(methods="ga", relearn_steps=3).to_json()["relearn"]["steps"] == 3
+    with pytest.raises(mb.GridError, match="--relearn-steps 0"):
+        mb.GridSpec(methods="ga", relearn_steps=0)
 
 
 @needs_vanilla
@@ -196,6 +243,13 @@ BAD = {
     "negative seed": (["--seeds", "-1"], ["-1 is not a seed"]),
     "bad device": (["--device", "bogus"], ["unknown device 'bogus'"]),
     "missing data folder": (["--data", "/nowhere/at/all"], ["nowhere"]),
+    "mia on safety data": (["--data", "toyworld-safety", "--mia"], ["--mia does not apply", "toyworld-safety"]),
+    "relearn on safety data": (["--data", "toyworld-safety", "--relearn"], ["--relearn does not apply"]),
+    "mia without held-out people": (["--data", "mllmu-bench", "--mia"],
+                                    ["--mia needs people the model never saw", "Holdout_Data", "--no-mia"]),
+    "relearn fraction out of range": (["--relearn-fraction", "1.5"], ["--relearn-fraction 1.5", "between 0 and 1"]),
+    "relearn fraction that holds nobody back": (["--relearn-fraction", "0.95"],
+                                                ["--forget 5", "of 5 forget people leaves none to evaluate"]),
 }
 
 
