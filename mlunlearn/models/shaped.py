@@ -202,6 +202,14 @@ def build_llava_1_5_shaped(folder, size: str = "7b", text_layers: int = 1, visio
     folder = Path(folder)
     model = shaped_model(size, text_layers, vision_layers, seed, dtype=torch.float16)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on stderr
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     llava_1_5_processor().save_pretrained(folder)
     return folder
