@@ -604,8 +604,11 @@ def extras_headline(folder) -> dict:
             row.update({f"{prefix}_{k}": v for k, v in mllmu_headline(attack[when]).items()})
             row[f"{prefix}_nll"] = attack["rest_nll"][when]
     if (folder / BENIGN_FILE).is_file():
-        benign = json.loads((folder / BENIGN_FILE).read_text())["by_part"]
-        for part, values in benign.items():
+        benign = json.loads((folder / BENIGN_FILE).read_text())
+        # A benign.json written before the parts existed (bench of d8bcbef) has the forget part only: the
+        # same questions (in_forget); its "not_forget" mixes both other parts, so those columns stay empty.
+        parts = benign.get("by_part") or {"forget": benign["by_forget_set"]["forget"]}
+        for part, values in parts.items():
             for metric, short in (("accuracy", "accuracy"), ("refusal_rate", "refusal")):
                 if metric in values:
                     row[f"benign_{part}_{short}"] = values[metric]

@@ -125,6 +125,13 @@ def test_each_cell_has_membership_inference_relearning_and_benign_columns(grid):
     assert {"mia_loss_auc_mean", "relearned_forget_cls_img_mean", "benign_other_refusal_std"} <= set(means.columns)
 
 
+def test_a_benign_json_from_before_the_parts_gives_the_forget_columns_only(tmp_path):
+    old = {"overall": {}, "by_group": {}, "by_forget_set": {"forget": {"accuracy": 52.5, "refusal_rate": 0.0, "n": 40},
+                                                          "not_forget": {"accuracy": 70.0, "refusal_rate": 20.0}}}
+    (tmp_path / "benign.json").write_text(json.dumps(old))
+    assert mb.extras_headline(tmp_path) == {"benign_forget_accuracy": 52.5, "benign_forget_refusal": 0.0}
+
+
 def test_the_extra_evaluations_are_on_where_they_apply_and_recorded_in_the_spec():
     spec = mb.GridSpec(methods="ga")
     assert (spec.mia, spec.relearn, spec.benign) == (True, True, True)
