@@ -17,9 +17,9 @@ and three tasks on each: ``fill_in_the_blank`` (``Mask_Task``), ``classification
 variant (image in the prompt) and a ``Pure_Text`` variant (no image).
 
 Replies are greedy (``do_sample=False``), at most ``max_new_tokens`` (50) new tokens, generated in
-left-padded batches; only the new tokens are decoded. Every random choice (the test view, the one-shot
-example) is drawn from ``random.Random`` seeded with ``seed`` and the person's ID, so a run is
-reproducible and does not depend on ``limit`` or batch size.
+left-padded batches; only the new tokens are decoded. Every random choice (the test view, the people whose
+questions become ``few_shot`` examples) is drawn from ``random.Random`` seeded with ``seed`` and the person's
+ID (or the task and mode), so a run is reproducible and does not depend on ``limit`` or batch size.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class _Inputs:
     shared by that person's questions). The processor path (``processor(text, images)``) is replaced by its
     parts: every image preprocessed alone and its placeholder expanded with the processor's own
     ``replace_image_token`` / ``get_text_with_replacements``, then the tokenizer on the batch. On the first
-    batch with images both are computed, and the parts are used only if they give the processor's exact
-    ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected features of each image
+    batch with images (and the first text-only one) both are computed, and the parts are used only if they
+    give the processor's exact ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected features of each image
     are encoded alone and reused only if they equal, bit for bit, the features of that batch encoded
     together (what ``generate`` would compute). Otherwise this batch and the later ones fall back to the
     processor / to ``pixel_values``. Caches are bounded (least recently used images go first).
@@ -172,29 +172,35 @@ class _Inputs:
         self.parts = all(hasattr(processor, name) for name in ("image_processor", "tokenizer", "replace_image_token",
                                                                   "get_text_with_replacements"))
         self.encoder = _image_encoder(model)
-        self.checked = False
+        self.checked = self.checked_text = False  # the parts checked against the processor (image, text batches)
         self.cache_bytes = cache_bytes
         self.pixels: OrderedDict = OrderedDict()  # id(image) -> (image, pixel_values (1, C, H, W), placeholder text)
         self.features: OrderedDict = OrderedDict()  # id(image) -> (image, projected features (tokens, width))
 
     def __call__(self, texts: list[str], images: list[tuple[Any, str]]) -> dict:
-        if not images or not self.parts:
-            pictures = [_decode(image, source) for image, source in images]
-            inputs = self.processor(text=texts, images=pictures or None, return_tensors="pt", padding=True)
-            return self._to_device(dict(inputs))
+        if not self.parts:
+            return self._processor(texts, images)
+        if not images:  # text only: the tokenizer, checked once against the processor
+            inputs = self._tokens(texts)
+            if not self.checked_text:
+                self.checked_text = True
+                reference = self._processor(texts, images, move=False)
+                if set(reference) != set(inputs) or not all(torch.equal(reference[k], inputs[k]) for k in reference):
+                    self.parts = False
+                    return self._to_device(reference)
+            return self._to_device(inputs)
         prepared = [self._pixels(image, source) for image, source in images]
         expanded, _ = self.processor.get_text_with_replacements(list(texts), [text for _, text in prepared])
-        inputs = dict(self.processor.tokenizer(expanded, return_tensors="pt", padding=True))
+        inputs = self._tokens(expanded)
         pixel_values = torch.cat([pixels for pixels, _ in prepared])
         if not self.checked:
             self.checked = True
-            reference = self.processor(text=texts, images=[_decode(image, source) for image, source in images],
-                                       return_tensors="pt", padding=True)
+            reference = self._processor(texts, images, move=False)
             same = set(reference) == set(inputs) | {"pixel_values"} and all(
                 torch.equal(reference[k], pixel_values if k == "pixel_values" else inputs[k]) for k in reference)
             if not same:
                 self.parts = False
-                return self._to_device(dict(reference))
+                return self._to_device(reference)
             if self.encoder is not None:
                 together = self.encoder(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
                 alone = [self._features(image, pixels) for (image, _), (pixels, _) in zip(images, prepared)]
@@ -206,6 +212,18 @@ class _Inputs:
         inputs = self._to_device(inputs)
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         return inputs
+
+    def _processor(self, texts: list[str], images: list[tuple[Any, str]], move: bool = True) -> dict:
+        """What the processor gives for the batch (the reference the parts are checked against, on the CPU)."""
+        pictures = [_decode(image, source) for image, source in images]
+        inputs = dict(self.processor(text=texts, images=pictures or None, return_tensors="pt", padding=True))
+        return self._to_device(inputs) if move else inputs
+
+    def _tokens(self, texts: list[str]) -> dict:
+        """The padded batch as tensors; why not ``return_tensors="pt"``: its nested-list checks cost more than
+        the rest of the tokenizer (the lists are already rectangular after padding)."""
+        encoded = self.processor.tokenizer(texts, padding=True)
+        return {k: torch.tensor(v) for k, v in encoded.items()}
 
     def _to_device(self, inputs: dict) -> dict:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
