@@ -20,7 +20,7 @@ attack         statistic                                                        
 The lowest ``k`` fraction is ``max(1, int(T·k))`` tokens, ``k = 0.2`` by default. Min-k%++ follows the
 paper's formula as open-unlearning implements it (``locuslab/open-unlearning``,
 ``src/evals/metrics/mia/min_k_plus_plus.py``: μ and σ² from the full-vocabulary log-softmax, σ² clamped at
-1e-6); zlib follows the same code base's ``ZLIBAttack`` (NLL over the zlib length of the decoded answer).
+1e-6); zlib follows the same code base's ``ZLIBAttack`` (NLL over the zlib length of the answer text).
 
 :func:`mia_auc` is the ROC AUC of member vs non-member (scikit-learn), oriented so that 0.5 = the attacker
 cannot tell, 1.0 = every member detected, < 0.5 = the forget answers look *less* familiar than answers
@@ -33,7 +33,9 @@ Which non-members. MLLMU-Bench fine-tuned *all* of its 500 fictitious people (an
 the same people in other views), so "forget vs held-out" needs people the vanilla model never saw. The
 synthetic world draws them with its own generator (:func:`mlunlearn.data.world.heldout_people`: 30 new
 faces and names, same biography lists, their own random stream so that no existing person, image or
-question changes). A benchmark folder can bring its own as a ``Holdout_Data`` config in ``ft_Data``'s
+question changes). Their answers use the same value lists as the members' ("This person works as a
+potter."), so each string is familiar to the model: what an attack detects is whether the model knows
+*this face* goes with *this answer*. A benchmark folder can bring its own as a ``Holdout_Data`` config in ``ft_Data``'s
 columns (e.g. people left out when fine-tuning a LLaVA-1.5 vanilla on MLLMU-Bench). The real hub
 MLLMU-Bench has none: :func:`nonmember_examples` returns ``None`` and the bench leaves the MIA columns
 empty rather than compare with members (Retain_Set celebrities were in LLaVA's pre-training data; the
