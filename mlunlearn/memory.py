@@ -241,21 +241,21 @@ def shapes(config) -> Shapes:
 def decoder_layer_bytes(s: Shapes, e: int, lora_r: int | None) -> float:
     """Bytes one Llama decoder layer keeps for backward, per token, when the gradient flows through it.
 
-    Each RMSNorm: its input cast to fp32 (4h), 1/rms (4), the normalised input in the compute dtype that
-    the scale multiplies (e·h) and its output (e·h), which the next linear layers keep as their input (a
-    frozen linear keeps its input too). Attention (SDPA, flash / memory-efficient kernels): q, k, v after
-    RoPE and the output (e·(2h + 2·kv)), a logsumexp per head (4a), and o_proj's input (e·h, the output
-    made contiguous); RoPE keeps only cos/sin, shared by every layer. MLP: gate, SiLU(gate), up and their
-    product, down_proj's input (4·e·i). LoRA (peft) on q, k, v, o, gate, up, down: each casts its input to
-    fp32 and keeps its own dropout output (4·(3h + h + 2h + i)) and lora_A's output (4r each).
-    Checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on the 7B-shaped layer.
+    Each RMSNorm: its input in fp32 (4h: a cast copy in half precision, the residual itself in fp32) and
+    1/rms (4). Attention (SDPA, flash / memory-efficient kernels): q, k, v after RoPE and the output
+    (e·(2h + 2·kv)) and a logsumexp per head (4a); RoPE keeps only cos/sin, shared by every layer. MLP:
+    gate, SiLU(gate) and up (3·e·i). A frozen linear keeps nothing per token (its weight is what the input
+    gradient needs). LoRA (peft) on q, k, v, o, gate, up, down casts each input to fp32, and its dropout
+    keeps the output and a float mask (8 bytes per input element: 8·(3h + h + 2h + i)); lora_A's output
+    4r each. Checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on a 7B layer in
+    fp32 and bf16 (``tests/test_memory.py``).
     """
     h, i = s.hidden, s.intermediate
-    norms = 2 * (4 * h + 4 + 2 * e * h)
-    attention = e * (2 * h + 2 * s.kv_hidden) + 4 * s.heads + e * h
-    out = norms + attention + 4 * e * i
+    norms = 2 * (4 * h + 4)
+    attention = e * (2 * h + 2 * s.kv_hidden) + 4 * s.heads
+    out = norms + attention + 3 * e * i
     if lora_r:
-        out += 4 * (6 * h + i) + 7 * 4 * lora_r
+        out += 8 * (6 * h + i) + 7 * 4 * lora_r
     return out
 
 
@@ -461,7 +461,7 @@ def estimate(model: str = "llava-1.5-7b", method="ga", dtype: str = "bf16", quan
             # log-softmax are kept: its layers' working set, then its head
             peak = max(peak, (e + 4) * s.vocab + max(no_grad_layer_bytes(s, e), reference_head_bytes(s, e)))
         activations = prof.streams * stored + (prof.streams - 1) * (e + 4) * s.vocab * tokens + peak * tokens
-        activations += prof.streams * (4 * s.hidden + 4 + 2 * e * s.hidden) * tokens  # the final RMSNorm
+        activations += prof.streams * (4 * s.hidden + 4) * tokens  # the final RMSNorm
         if prof.projector:  # the projector's input, GELU input and output, per visual token
             pe = 4 if prof.projector in ("fp32", "sine") else e
             activations += prof.streams * pe * (s.vision_width + 2 * s.hidden) * image_tokens

@@ -64,10 +64,11 @@ def test_fit_and_advice_say_what_to_change():
     assert estimate_eval("llava-1.5-7b", "bf16", "4bit", 8, 640).fits("t4")
 
 
-def test_the_decoder_layer_formula_is_what_autograd_saves_on_a_7b_layer():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_decoder_layer_formula_is_what_autograd_saves_on_a_7b_layer(dtype):
     """Every tensor one LLaVA-1.5-7B decoder layer with LoRA saves for backward (torch's saved-tensor hooks),
-    summed per token, against :func:`decoder_layer_bytes` (fp32; RoPE's cos/sin, shared by all layers,
-    left out)."""
+    summed per token, against :func:`decoder_layer_bytes` (RoPE's cos/sin, shared by all layers, left
+    out; the layer's input counts: in fp32 the first RMSNorm keeps it as its fp32 input)."""
     import torch
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -82,6 +83,8 @@ def test_the_decoder_layer_formula_is_what_autograd_saves_on_a_7b_layer():
     layer = torch.nn.Module()
     layer.language_model = torch.nn.Module()
     layer.language_model.layers = torch.nn.ModuleList([LlamaDecoderLayer(text, 0)])
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    layer = layer.to(torch_dtype)
     method = get_method("ga")  # LoRA r=16 on q, k, v, o, gate, up, down, as peft applies it to LLaVA
     from peft import LoraConfig, get_peft_model
 
@@ -92,7 +95,7 @@ def test_the_decoder_layer_formula_is_what_autograd_saves_on_a_7b_layer():
     lora.train()
     block = lora.base_model.model.language_model.layers[0]
     T = 64
-    x = torch.randn(1, T, text.hidden_size, requires_grad=True)
+    x = torch.randn(1, T, text.hidden_size, dtype=torch_dtype, requires_grad=True)
     position = torch.arange(T)[None]
     cos, sin = LlamaRotaryEmbedding(text)(x, position)
     saved = {}
@@ -104,9 +107,10 @@ def test_the_decoder_layer_formula_is_what_autograd_saves_on_a_7b_layer():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=position)
     skip = {p.untyped_storage().data_ptr() for p in lora.parameters()}
-    skip |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}
+    skip |= {t.untyped_storage().data_ptr() for t in (cos, sin)}
     per_token = sum(n for ptr, n in saved.items() if ptr not in skip) / T
-    assert per_token == pytest.approx(decoder_layer_bytes(shapes(config), 4, method.lora_r), rel=0.01)
+    e = {"fp32": 4, "bf16": 2}[dtype]
+    assert per_token == pytest.approx(decoder_layer_bytes(shapes(config), e, method.lora_r), rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -130,6 +134,14 @@ def test_one_gpu_and_4bit(capsys):
     code, out, _ = _cli(capsys, "--model", "llava-1.5-7b", "--method", "npo", "--quantization", "4bit",
                         "--gpu", "t4", "--gradient-checkpointing", "on")
     assert code == 0 and "4bit" in out and "t4: fits" in out and "l4:" not in out
+
+
+def test_eval_is_the_weights_and_the_kv_cache(capsys):
+    est = estimate_eval("llava-1.5-7b", "bf16", None, 8, 640, max_new_tokens=50)
+    assert est.extra == pytest.approx(2 * 32 * 4096 * 2 * 8 * 690 / 2**30)  # K and V, 32 layers, bf16
+    assert est.grads == est.optimizer == 0 and est.total < 2 * est.weights
+    code, out, _ = _cli(capsys, "--model", "llava-1.5-7b", "--method", "eval", "--batch-size", "8", "--gpu", "t4")
+    assert code == 0 and "llava-1.5-7b, eval" in out and "t4: does not fit" in out and "4-bit" in out
 
 
 def test_bad_memory_inputs_are_one_line_errors(capsys):
