@@ -501,9 +501,13 @@ def build_queries(bench, forget: int = 5, *, modes: Sequence[str] = MODES, tasks
     (tiny world: 4 images in a classification prompt, 5 in a cloze one); the sampled people are left out of
     that task's scores. Generation has no examples. Off by default: our models are trained on the
     zero-shot prompts, and the official examples make prompts longer than the tiny model's 256 positions
-    (:func:`generate_replies` refuses them). The published MLLMU-Bench numbers (the paper's tables and
-    MANU's, which ran the same script) come from a script that always prepends them: it has no zero-shot
-    switch.
+    (:func:`generate_replies` refuses them). The published MLLMU-Bench numbers (the paper's tables, and
+    MANU's, whose code copies the script) come from a script that always prepends them: it has no zero-shot
+    switch (the code says so; we found no sentence of the paper on it). Versions of the script differ in
+    the number of people: 1 / 2 (classification / cloze) in the copy this follows, as issue 13 measured it;
+    2 / 2 in a fork of the official repository (YokeYao/MLLMU-Bench, eval.py); 1 / 1 in MANU's copy
+    (franciscoliu/MANU, eval.py). The official repository itself (franciscoliu/MLLMU-Bench) was not
+    readable here.
     """
     configs = mode_configs(forget)
     unknown = [m for m in modes if m not in MODES] + [t for t in tasks if t not in TASKS]
