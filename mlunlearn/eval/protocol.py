@@ -161,9 +161,9 @@ class _Inputs:
     parts: every image preprocessed alone and its placeholder expanded with the processor's own
     ``replace_image_token`` / ``get_text_with_replacements``, then the tokenizer on the batch. On the first
     batch with images (and the first text-only one) both are computed, and the parts are used only if they
-    give the processor's exact ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected features of each image
-    are encoded alone and reused only if they equal, bit for bit, the features of that batch encoded
-    together (what ``generate`` would compute). Otherwise this batch and the later ones fall back to the
+    give the processor's exact ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected
+    features of each image are encoded alone and reused only if they equal, bit for bit, the features of
+    that batch encoded together (what ``generate`` would compute). Otherwise this batch and the later ones fall back to the
     processor / to ``pixel_values``. Caches are bounded (least recently used images go first).
     """
 
