@@ -108,9 +108,13 @@ class MemoryEstimate:
                 + f", batch {self.batch_size} x {self.max_length} tokens"
                 + ("" if self.method == "eval" else
                    f", gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}")
-                + f" ({self.trainable_parameters / 1e6:,.1f} M trainable of {self.parameters / 1e9:.2f} B)")
+                + f" ({_count(self.trainable_parameters)} trainable of {_count(self.parameters)})")
         lines = [head] + [f"  {name:<12}{value:8.2f} GiB" for name, value in self.rows()]
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
 
 
 def _usable(gpu: str) -> int:
@@ -349,7 +353,7 @@ def profile(method) -> Profile:
 
 # -- the estimate -------------------------------------------------------------------------------------------
 
-def _check(dtype, quantization, batch_size, max_length, image_tokens):
+def _check(dtype, quantization, batch_size, max_length, image_tokens, positions=None):
     if dtype not in DTYPES:
         raise MemoryEstimateError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -359,6 +363,9 @@ def _check(dtype, quantization, batch_size, max_length, image_tokens):
     if not (isinstance(max_length, int) and max_length > image_tokens):
         raise MemoryEstimateError(f"max length {max_length!r} must be more than the {image_tokens} image tokens "
                                   "of one image (e.g. 640)")
+    if positions and max_length > positions:
+        raise MemoryEstimateError(f"max length {max_length} is more than the model's {positions} positions; "
+                                  f"use at most {positions}")
 
 
 def _weights(meta, e: int, quantization) -> tuple[float, int]:
@@ -399,7 +406,7 @@ def estimate(model: str = "llava-1.5-7b", method="ga", dtype: str = "bf16", quan
 
     config = model_config(model)
     s = shapes(config)
-    _check(dtype, quantization, batch_size, max_length, s.image_tokens)
+    _check(dtype, quantization, batch_size, max_length, s.image_tokens, config.text_config.max_position_embeddings)
     m = method if isinstance(method, Method) else get_method(method, **hparams)
     prof = profile(m)
     e = DTYPES[dtype]
@@ -506,7 +513,8 @@ def estimate_eval(model: str = "llava-1.5-7b", dtype: str = "bf16", quantization
     transient (one decoder layer's q, k, v, attention output and MLP, and the last position's logits)."""
     config = model_config(model)
     s = shapes(config)
-    _check(dtype, quantization, batch_size, max_length, s.image_tokens)
+    _check(dtype, quantization, batch_size, max_length + max_new_tokens, s.image_tokens,
+           config.text_config.max_position_embeddings)
     e = DTYPES[dtype]
     weights, n_params = _weights(_meta(config), e, quantization)
     positions = max_length + max_new_tokens
@@ -533,8 +541,9 @@ def add_parser(subparsers) -> None:
                         "(default: tiny and llava-1.5-7b)")
     p.add_argument("--method", default="ga", help="a registered method, or 'eval' for evaluation (default: ga)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per stream and step (default: 4)")
-    p.add_argument("--max-length", type=int, default=640,
-                   help="tokens per sequence, the 576 image tokens included (default: 640)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence, the image tokens included (default: 640, or the model's positions "
+                        "when fewer: 256 on the tiny model)")
     p.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16 (default: bf16)")
     p.add_argument("--quantization", default=None, help="4bit, or leave out")
     p.add_argument("--gradient-checkpointing", default="on", help="on or off (default: on, the engine's for LLaVA-1.5)")
@@ -576,13 +585,17 @@ def report(args) -> list:
     settings = parse_settings(args.settings)
     if args.grid:
         models = args.model or ["llava-1.5-7b", "llava-1.5-13b"]
-        return [grid_table(grid(models, batch_size=args.batch_size, max_length=args.max_length))]
+        return [grid_table(grid(models, batch_size=args.batch_size, max_length=args.max_length or 640))]
     lines = []
     for model in args.model or ["tiny", "llava-1.5-7b"]:
+        length = args.max_length
+        if length is None:
+            positions = model_config(model).text_config.max_position_embeddings
+            length = min(640, positions - (50 if args.method == "eval" else 0))
         if args.method == "eval":
-            est = estimate_eval(model, args.dtype, quantization, args.batch_size, args.max_length)
+            est = estimate_eval(model, args.dtype, quantization, args.batch_size, length)
         else:
-            est = estimate(model, args.method, args.dtype, quantization, args.batch_size, args.max_length,
+            est = estimate(model, args.method, args.dtype, quantization, args.batch_size, length,
                            checkpointing, **settings)
         lines += [est.table()] + [f"  {est.advice(gpu)}" for gpu in gpus]
     return lines

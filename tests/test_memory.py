@@ -148,6 +148,7 @@ def test_bad_memory_inputs_are_one_line_errors(capsys):
     cases = [(("--gpu", "h100"), "unknown gpu 'h100'"), (("--model", "gpt-2"), "unknown model 'gpt-2'"),
              (("--method", "nope"), "unknown method 'nope'"), (("--dtype", "fp8"), "unknown dtype 'fp8'"),
              (("--batch-size", "-1"), "batch size -1"), (("--max-length", "500"), "576 image tokens"),
+             (("--max-length", "5000"), "more than the model's 4096 positions"),
              (("--gradient-checkpointing", "maybe"), "use on or off"),
              (("--quantization", "8bit"), "unknown quantization '8bit'")]
     for args, needle in cases:
