@@ -117,8 +117,8 @@ def test_few_shot_exact_prompt(bench):
     cloze = next(q for q in build_queries(bench, 5, modes=("forget",), tasks=("fill_in_the_blank",), few_shot=True)
                  if q.record["modality"] == "Image_Textual")
     assert cloze.prompt.count("USER:<image>\n") == 4 and cloze.prompt.count("Correct Answer: ") == 4
-    assert cloze.prompt.endswith("USER: <image>\nThe home town of this person is [Blank].\n"
-                                 "Please **ONLY** provide the correct answer that should replace the [Blank].\nASSISTANT:")
+    assert cloze.prompt.endswith("USER: <image>\nThe home town of this person is [Blank].\nPlease **ONLY** "
+                                 "provide the correct answer that should replace the [Blank].\nASSISTANT:")
 
 
 def test_few_shot_is_seeded_and_zero_shot_is_unchanged(bench):

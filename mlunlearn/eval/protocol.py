@@ -163,8 +163,9 @@ class _Inputs:
     batch with images (and the first text-only one) both are computed, and the parts are used only if they
     give the processor's exact ``input_ids``, ``attention_mask`` and ``pixel_values``; likewise the projected
     features of each image are encoded alone and reused only if they equal, bit for bit, the features of
-    that batch encoded together (what ``generate`` would compute). Otherwise this batch and the later ones fall back to the
-    processor / to ``pixel_values``. Caches are bounded (least recently used images go first).
+    that batch encoded together (what ``generate`` would compute). Otherwise this batch and the later ones
+    fall back to the processor / to ``pixel_values``. Caches are bounded (least recently used images go
+    first).
     """
 
     def __init__(self, model, processor, device, dtype, cache_bytes: int = 512 * 2**20):
