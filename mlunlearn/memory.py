@@ -484,8 +484,9 @@ def estimate(model: str = "llava-1.5-7b", method="ga", dtype: str = "bf16", quan
     # reference: a second copy of the weights, or a snapshot of the non-LoRA trained tensors
     reference = 0.0
     if prof.separate_reference:
-        reference = _weights(meta, e, None)[0]  # load_model loads it at full precision
-        notes.append("the reference folder is a second model (not quantized)")
+        # the engine loads it as the trained model was loaded (loading.load_settings): 4-bit beside a 4-bit model
+        reference = _weights(meta, e, quantization)[0]
+        notes.append("the reference folder is a second model, loaded as the trained one (4-bit if it is)")
     elif prof.reference_forward and not prof.cagul_hidden:
         reference = sum(n * b for n, b, _ in trained[1 if prof.lora_r else 0:])
     # what a method keeps besides

@@ -50,6 +50,10 @@ def test_the_reference_costs_a_copy_only_where_the_code_makes_one():
     assert 0 < sine.reference < 0.2  # the snapshot of ΔW and the biases, not a model
     oracle = estimate("llava-1.5-7b", "npo", "bf16", None, 4, 640, True, reference="/some/oracle")
     assert oracle.reference == pytest.approx(ga.weights, rel=1e-6)
+    # beside a 4-bit model the engine loads the reference folder in 4 bits too (loading.load_settings)
+    ga4 = estimate("llava-1.5-7b", "ga", "bf16", "4bit", 4, 640, True)
+    oracle4 = estimate("llava-1.5-7b", "npo", "bf16", "4bit", 4, 640, True, reference="/some/oracle")
+    assert oracle4.reference == pytest.approx(ga4.weights, rel=1e-6) and oracle4.reference < ga.weights / 2
 
 
 def test_fit_and_advice_say_what_to_change():
