@@ -397,14 +397,26 @@ def _lora_parameters(meta, r: int) -> int:
                if isinstance(m, torch.nn.Linear) and target.fullmatch(n))
 
 
+def _family_checkpointing(config) -> bool:
+    """The engine's gradient-checkpointing default for a model of this config's family."""
+    from mlunlearn.engine import FAMILY_SETTINGS
+
+    family = "llava-1.5" if config.text_config.hidden_size >= 4096 else "tiny"  # as engine.model_family
+    return FAMILY_SETTINGS[family]["gradient_checkpointing"]
+
+
 def estimate(model: str = "llava-1.5-7b", method="ga", dtype: str = "bf16", quantization: str | None = None,
-             batch_size: int = 4, max_length: int = 640, gradient_checkpointing: bool = True,
+             batch_size: int = 4, max_length: int = 640, gradient_checkpointing: bool | None = None,
              **hparams) -> MemoryEstimate:
     """The peak memory of one unlearning step of ``method`` (a name and its ``hparams``, or a Method) on
-    ``model`` with ``batch_size`` sequences of ``max_length`` tokens (one image: 576 of them) per stream."""
+    ``model`` with ``batch_size`` sequences of ``max_length`` tokens (one image: 576 of them) per stream.
+    ``gradient_checkpointing=None``: what the engine does for the model's family (on for LLaVA-1.5, off for
+    the tiny model; :data:`mlunlearn.engine.FAMILY_SETTINGS`)."""
     from mlunlearn.methods import Method, get_method
 
     config = model_config(model)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = _family_checkpointing(config)
     s = shapes(config)
     _check(dtype, quantization, batch_size, max_length, s.image_tokens, config.text_config.max_position_embeddings)
     m = method if isinstance(method, Method) else get_method(method, **hparams)
@@ -547,7 +559,8 @@ def add_parser(subparsers) -> None:
                         "when fewer: 256 on the tiny model)")
     p.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16 (default: bf16)")
     p.add_argument("--quantization", default=None, help="4bit, or leave out")
-    p.add_argument("--gradient-checkpointing", default="on", help="on or off (default: on, the engine's for LLaVA-1.5)")
+    p.add_argument("--gradient-checkpointing", default=None,
+                   help="on or off (default: the engine's for the model's family: on for LLaVA-1.5, off for tiny)")
     p.add_argument("--gpu", default=None, help=f"one of {', '.join(GPUS)} (default: all)")
     p.add_argument("--grid", action="store_true",
                    help="print README's table instead: 7B and 13B (or --model) x ga, npo, sineproject x bf16 / "
@@ -576,8 +589,8 @@ def report(args) -> list:
     """The lines ``mlunlearn memory`` prints for parsed ``args``."""
     from mlunlearn.cli import parse_settings
 
-    checkpointing = {"on": True, "off": False}.get(str(args.gradient_checkpointing).lower())
-    if checkpointing is None:
+    checkpointing = {"on": True, "off": False, "none": None}.get(str(args.gradient_checkpointing).lower(), "bad")
+    if checkpointing == "bad":
         raise MemoryEstimateError(f"--gradient-checkpointing {args.gradient_checkpointing!r}: use on or off")
     quantization = None if args.quantization in (None, "none") else args.quantization
     gpus = [args.gpu] if args.gpu else list(GPUS)
