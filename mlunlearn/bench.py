@@ -120,6 +120,7 @@ class GridSpec:
     relearn_steps: int = 10
     relearn_fraction: float = 0.2
     benign_limit: int = BENIGN_LIMIT
+    quantization: str | None = None  # "4bit": every cell's model loads in 4 bits (a 7B grid on a T4)
 
     def __post_init__(self):
         from mlunlearn.benchmarks.safety import is_safety_source
@@ -152,6 +153,8 @@ class GridSpec:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise GridError(f"{name}={value!r}: must be an integer of at least 1")
+        if self.quantization not in (None, "4bit"):
+            raise GridError(f"--quantization {self.quantization!r}: use 4bit, or leave it out")
         self.settings = {str(k).strip(): v for k, v in dict(self.settings).items()}
         self.resolved = resolve_settings(self.methods, self.settings)
         self._resolve_extras()
@@ -198,6 +201,8 @@ class GridSpec:
         steps, fraction, limit = (spec.pop(k) for k in ("relearn_steps", "relearn_fraction", "benign_limit"))
         spec["relearn"] = {"steps": steps, "fraction": fraction} if self.relearn else False
         spec["benign"] = {"limit": limit} if self.benign else False
+        if spec["quantization"] is None:  # written only when set: grids run before it existed keep their spec
+            del spec["quantization"]
         return spec
 
     def cells(self) -> list:
@@ -334,7 +339,7 @@ def run_grid(spec: GridSpec, output, *, overwrite: bool = False, keep_models: bo
     cells = spec.cells()
     pending = cells if overwrite else [c for c in cells if not _is_done(out, c)]
     set_seed(0, threads=threads)
-    models = _Models(spec.model, device)
+    models = _Models(spec.model, device, spec.quantization)
     if pending:
         models.base()  # a model that cannot load fails before the folder is created
     if overwrite and out.is_dir():
@@ -361,14 +366,14 @@ def run_grid(spec: GridSpec, output, *, overwrite: bool = False, keep_models: bo
 class _Models:
     """The model before unlearning, loaded once (lazily); a fresh copy for each cell."""
 
-    def __init__(self, name: str, device: str | None):
-        self.name, self.device, self._base = name, device, None
+    def __init__(self, name: str, device: str | None, quantization: str | None = None):
+        self.name, self.device, self.quantization, self._base = name, device, quantization, None
 
     def base(self):
         from mlunlearn.models import load_model
 
         if self._base is None:
-            self._base = load_model(self.name, device=self.device)
+            self._base = load_model(self.name, device=self.device, quantization=self.quantization)
         return self._base
 
     def fresh(self):
@@ -377,7 +382,7 @@ class _Models:
         if self.name in TINY_MODELS:
             model, processor = self.base()
             return copy.deepcopy(model), processor
-        return load_model(self.name, device=self.device)
+        return load_model(self.name, device=self.device, quantization=self.quantization)
 
 
 def _open_data(spec: GridSpec):

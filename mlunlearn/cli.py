@@ -167,6 +167,8 @@ def _add_bench(subparsers) -> None:
                         "benchmarks: the first N items of each file)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default: 1)")
+    p.add_argument("--quantization", default=None, choices=("4bit",),
+                   help="load every cell's model in 4 bits (GPU; a 7B grid on a T4)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     extra = p.add_argument_group("does it stay forgotten? (MLLMU-Bench-style data; each on where it applies)")
     extra.add_argument("--mia", action=argparse.BooleanOptionalAction, default=None,
@@ -338,7 +340,7 @@ def run_bench(args) -> int:
                     settings=parse_settings(args.settings), limit=args.limit, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, mia=args.mia, relearn=args.relearn, benign=args.benign,
                     relearn_steps=args.relearn_steps, relearn_fraction=args.relearn_fraction,
-                    benign_limit=args.benign_limit)
+                    benign_limit=args.benign_limit, quantization=args.quantization)
     out = args.output
     board = run_grid(spec, out, overwrite=args.overwrite, keep_models=args.keep_models, device=args.device,
                      threads=args.threads, progress=not args.no_progress)

@@ -314,3 +314,24 @@ def test_a_safety_grid_writes_asr_rr_sarr_rouge_and_refuses_forget(tmp_path, cap
     assert {"val_ASR", "val_RR", "val_SARR", "val_rougeL", "train_ASR"} <= set(board.columns)
     assert board.loc[1, "val_SARR"] == result["all_val.json"]["SARR"]
     assert (out / "tradeoff.png").is_file() and "val_SARR" in stdout
+
+
+def test_quantization_is_passed_to_every_load_and_recorded_only_when_set(tmp_path, capsys, monkeypatch):
+    """--quantization 4bit: on the CPU a one-line error before any folder exists; the base and each fresh
+    model load with it; bench.json names it only when set, so the grids run before it existed keep their spec."""
+    out = tmp_path / "grid"
+    code = main(["bench", "--model", "tiny", "--methods", "ga", "--quantization", "4bit", "--device", "cpu",
+                 "--output", str(out), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "quantization='4bit' needs a CUDA GPU")
+    assert not out.exists()
+    assert "quantization" not in mb.GridSpec(methods="ga").to_json()
+    assert mb.GridSpec(methods="ga", quantization="4bit").to_json()["quantization"] == "4bit"
+    with pytest.raises(mb.GridError, match="--quantization '8bit': use 4bit"):
+        mb.GridSpec(methods="ga", quantization="8bit")
+    import mlunlearn.models
+
+    calls = []
+    monkeypatch.setattr(mlunlearn.models, "load_model", lambda name, **kw: calls.append((name, kw)) or ("m", "p"))
+    models = mb._Models("mllmu-vanilla-7b", "cuda:0", "4bit")
+    models.base(), models.fresh()
+    assert calls == [("mllmu-vanilla-7b", {"device": "cuda:0", "quantization": "4bit"})] * 2
