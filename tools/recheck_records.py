@@ -14,6 +14,12 @@ share), about 25 minutes of one core, run two at a time by ``make test`` (``--jo
 every record in the folder and checks its key names this mlunlearn and torch. ``--all`` reruns every
 record (chapter 4's: about 12 minutes more; chapter 9's safety runs,
 ``09_tiny-safety_*``: about 10 minutes each). Exit status 1 on any difference, with a diff of what differs.
+
+``--grids`` also rechecks the bench folders in the records folder (chapter 10's ``10_tiny_bench_*``, each a
+``mlunlearn bench`` grid with a ``bench.json``): for each it copies the folder, deletes one cell (``--cell
+METHOD/forget<F>_seed<S>``; default: the grid's first unlearning cell), lets bench resume it, and compares every
+file of the copy with the committed folder byte for byte (``run.json`` without its wall-clock timings;
+:func:`mlunlearn.board.recheck_grid`). A few minutes per folder; not in the default set.
 """
 
 from __future__ import annotations
@@ -60,6 +66,29 @@ def _recheck_one(folder: Path, name: str):
     return name, records.recheck(folder / f"{name}.json"), time.perf_counter() - t
 
 
+def grid_folders(folder: Path) -> list[Path]:
+    """The bench folders (a ``bench.json`` inside) among the records."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "bench.json").is_file())
+
+
+def _recheck_grid(path: Path, cell: str | None):
+    """Delete one cell of a committed bench folder's copy, resume it, compare: (name, differences, seconds)."""
+    import torch
+
+    from mlunlearn.bench import GridError
+    from mlunlearn.board import first_cell, recheck_grid
+    from mlunlearn.records import EnvironmentMismatch
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    try:
+        chosen = cell or first_cell(path)
+        differences = recheck_grid(path, chosen, log=None)
+    except (GridError, EnvironmentMismatch) as err:
+        return f"{path.name} ({cell or 'first cell'})", [str(err)], time.perf_counter() - t
+    return f"{path.name} ({chosen})", differences, time.perf_counter() - t
+
+
 def _report(name: str, differences: list, seconds: float, max_diffs: int, failed: list) -> None:
     if differences:
         failed.append(name)
@@ -80,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-diffs", type=int, default=20, help="differences shown per record")
     parser.add_argument("--jobs", type=int, default=1,
                         help="records recomputed at once, each in its own one-thread process (default: 1)")
+    parser.add_argument("--grids", action="store_true",
+                        help="also recheck the bench folders (chapter 10): one cell of each deleted, resumed and "
+                             "compared byte for byte")
+    parser.add_argument("--cell", default=None,
+                        help="with --grids: the cell to recompute, as METHOD/forget<F>_seed<S> (default: each "
+                             "grid's first unlearning cell)")
     args = parser.parse_args(argv)
 
     import torch
@@ -130,6 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     rerun = len([n for n in names if n in keys])
     print(f"rechecked {rerun} of {len(paths)} records in {time.perf_counter() - start:.0f} s"
           + ("" if args.all else " (pass --all to rerun every record)"))
+
+    # 3. with --grids: the bench folders, one resumed cell each, compared byte for byte.
+    if args.grids:
+        grids = grid_folders(folder)
+        start = time.perf_counter()
+        for path in grids:
+            print(f"resume {path.name}: {args.cell or 'its first unlearning cell'} deleted and recomputed ...",
+                  flush=True)
+        if args.jobs > 1 and len(grids) > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            with concurrent.futures.ProcessPoolExecutor(args.jobs,
+                                                        mp_context=multiprocessing.get_context("spawn")) as pool:
+                for name, differences, seconds in pool.map(_recheck_grid, grids, [args.cell] * len(grids)):
+                    _report(name, differences, seconds, args.max_diffs, failed)
+        else:
+            for path in grids:
+                _report(*_recheck_grid(path, args.cell), args.max_diffs, failed)
+        print(f"rechecked {len(grids)} bench folder(s) in {time.perf_counter() - start:.0f} s")
     if failed or missing:
         print(f"FAILED: {', '.join(failed + missing)}")
         return 1
