@@ -19,7 +19,8 @@ record (chapter 4's: about 12 minutes more; chapter 9's safety runs,
 ``mlunlearn bench`` grid with a ``bench.json``): for each it copies the folder, deletes one cell (``--cell
 METHOD/forget<F>_seed<S>``; default: the grid's first unlearning cell), lets bench resume it, and compares every
 file of the copy with the committed folder byte for byte (``run.json`` without its wall-clock timings;
-:func:`mlunlearn.board.recheck_grid`). A few minutes per folder; not in the default set.
+:func:`mlunlearn.board.recheck_grid`). About half a minute of CPU per folder; not in the default set. ``--grids``
+alone rechecks only the grids (add record names or ``--all`` for records too).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
           "made with this mlunlearn and torch")
 
     # 2. the chosen ones: recomputed from their keys and compared exactly.
-    names = [p.stem for p in paths] if args.all else (args.names or DEFAULT)
+    # --grids alone rechecks the grids only; with names or --all, those records too
+    names = [p.stem for p in paths] if args.all else (args.names or ([] if args.grids else DEFAULT))
     missing = [n for n in names if n not in keys and n not in failed]
     for name in missing:
         print(f"FAIL   {name}: no record {name}.json in {os.path.relpath(folder)}")
