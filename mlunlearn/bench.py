@@ -36,6 +36,7 @@ questions; the seed of a cell is the unlearning run's.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import shutil
@@ -382,6 +383,14 @@ class _Models:
         if self.name in TINY_MODELS:
             model, processor = self.base()
             return copy.deepcopy(model), processor
+        # a 7B model: drop the vanilla copy before loading this cell's (one model on the GPU, not two); a later
+        # vanilla cell reloads it
+        import torch
+
+        self._base = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return load_model(self.name, device=self.device, quantization=self.quantization)
 
 

@@ -335,3 +335,6 @@ def test_quantization_is_passed_to_every_load_and_recorded_only_when_set(tmp_pat
     models = mb._Models("mllmu-vanilla-7b", "cuda:0", "4bit")
     models.base(), models.fresh()
     assert calls == [("mllmu-vanilla-7b", {"device": "cuda:0", "quantization": "4bit"})] * 2
+    assert models._base is None  # a 7B cell's copy replaces the vanilla one: one model on the GPU at a time
+    models.base()
+    assert len(calls) == 3  # a later vanilla cell reloads it
