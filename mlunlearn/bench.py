@@ -737,6 +737,13 @@ def plot_tradeoff(board, path, safety: bool = False) -> Path:
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a killed grid never leaves half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -785,12 +792,7 @@ def plot_benign(board, path) -> Path:
         fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.995))
     fig.suptitle("benign visual questions (mean over seeds)", y=0.94, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def _headline_text(spec: GridSpec, out: Path, cell: Cell, files=None) -> str:

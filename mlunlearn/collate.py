@@ -108,3 +108,24 @@ def answer_loss(model, batch) -> torch.Tensor:
     keep = labels != IGNORE
     logits = model.lm_head(hidden[keep])
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def teacher_forced_batches(model, processor, examples, batch_size: int = 16):
+    """Yield ``(batch, logits)`` for ``examples`` in batches of ``batch_size``: one teacher-forced forward
+    each, in eval mode and without gradients, on the model's device (pixel values in its dtype). The model's
+    training mode is restored afterwards. What the membership-inference scores (:mod:`mlunlearn.eval.mia`)
+    and the TOFU-style probabilities (:mod:`mlunlearn.eval.tofu`) read their token log-probs from."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    dtype = getattr(model, "dtype", torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(processor, examples[start:start + batch_size])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                yield batch, model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    finally:
+        model.train(was_training)

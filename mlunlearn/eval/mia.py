@@ -49,7 +49,7 @@ import zlib
 
 import torch
 
-from mlunlearn.collate import IGNORE, collate
+from mlunlearn.collate import IGNORE, teacher_forced_batches
 
 __all__ = ["ATTACKS", "K", "token_statistics", "min_k", "min_k_plus_plus", "standardised", "zlib_length",
            "example_scores", "mia_auc", "attack_aucs", "privleak", "member_examples", "nonmember_examples",
@@ -100,26 +100,14 @@ def zlib_length(text: str) -> int:
 def token_statistics(model, processor, examples: list, batch_size: int = 16) -> list:
     """One teacher-forced forward pass per batch: for each example, ``(token_logprobs (T,),
     standardised (T,))`` over its answer tokens (answer + end of sequence; prompt and image not scored)."""
-    device = next(model.parameters()).device
-    dtype = getattr(model, "dtype", torch.float32)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate(processor, examples[start:start + batch_size])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            labels = batch["labels"][:, 1:]  # position t predicts token t+1
-            for row, lab in zip(logits[:, :-1], labels):
-                keep = lab != IGNORE
-                vocab = torch.log_softmax(row[keep].float(), -1)
-                tokens = vocab.gather(-1, lab[keep].unsqueeze(-1)).squeeze(-1)
-                out.append((tokens.double().cpu(), standardised(tokens, vocab).cpu()))
-    finally:
-        model.train(was_training)
+    for batch, logits in teacher_forced_batches(model, processor, examples, batch_size):
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        for row, lab in zip(logits[:, :-1], labels):
+            keep = lab != IGNORE
+            vocab = torch.log_softmax(row[keep].float(), -1)
+            tokens = vocab.gather(-1, lab[keep].unsqueeze(-1)).squeeze(-1)
+            out.append((tokens.double().cpu(), standardised(tokens, vocab).cpu()))
     return out
 
 

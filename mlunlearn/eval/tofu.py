@@ -59,26 +59,10 @@ def answer_nll(model, processor, examples: Sequence, *, batch_size: int = 8) -> 
     so the tokens scored are exactly the trained ones: the answer and the EOS that ends it (prompt, image and
     padding positions carry the label -100). CLEAR's labels likewise include the chat template's end of turn.
     """
-    import torch
+    from mlunlearn.collate import nll_from_logits, teacher_forced_batches
 
-    from mlunlearn.collate import collate, nll_from_logits
-
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    dtype = getattr(model, "dtype", torch.float32)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                batch = collate(processor, examples[start:start + batch_size])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if "pixel_values" in batch:
-                    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                out.append(nll_from_logits(logits, batch["labels"]).double().cpu().numpy())
-    finally:
-        model.train(was_training)
+    out = [nll_from_logits(logits, batch["labels"]).double().cpu().numpy()
+           for batch, logits in teacher_forced_batches(model, processor, examples, batch_size)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
