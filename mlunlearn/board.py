@@ -176,52 +176,20 @@ def ranks(board, metric: str, lower_is_better: bool):
 # -------------------------------------------------------------------------------------- running
 
 def run_board(spec: GridSpec, output, quantization: str | None = None, **kwargs):
-    """:func:`mlunlearn.bench.run_grid` (same arguments, same files), with two things bench does not do yet
-    for a 7B model: ``quantization="4bit"`` loads every copy of the model in 4 bits (a 16 GB T4), and the
-    model before unlearning is freed before each cell loads its own copy (bench keeps it for the vanilla
-    rows, which come first: two 7B models at once do not fit a T4). The tiny models are run exactly as
-    bench runs them (``quantization`` must then be None)."""
+    """:func:`mlunlearn.bench.run_grid` (same arguments, same files) with ``quantization`` set on the spec:
+    ``"4bit"`` loads every copy of a LLaVA-1.5 model in 4 bits (a 16 GB T4), as ``mlunlearn bench
+    --quantization 4bit`` does; bench frees the model before unlearning before each cell loads its own copy.
+    The tiny models run in full precision (``quantization`` must then be None)."""
+    import dataclasses
+
     from mlunlearn import bench
 
     if quantization is not None and spec.model in bench.TINY_MODELS:
         raise GridError(f"quantization={quantization!r} is for a LLaVA-1.5 model on a GPU; the tiny model "
                         f"{spec.model!r} runs in full precision (drop quantization)")
-    if spec.model in bench.TINY_MODELS:
-        return bench.run_grid(spec, output, **kwargs)
-    original = bench._Models
-    bench._Models = _large_models(original, quantization)
-    try:
-        return bench.run_grid(spec, output, **kwargs)
-    finally:
-        bench._Models = original
-
-
-def _large_models(base_class, quantization):
-    """bench's model holder for a large model: every load with ``quantization``; ``fresh()`` frees the
-    model before unlearning first."""
-
-    class LargeModels(base_class):
-        def base(self):
-            from mlunlearn.models import load_model
-
-            if self._base is None:
-                self._base = load_model(self.name, device=self.device, quantization=quantization)
-            return self._base
-
-        def fresh(self):
-            import gc
-
-            import torch
-
-            from mlunlearn.models import load_model
-
-            self._base = None  # the vanilla rows are done (they come first); reloaded on a later resume
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return load_model(self.name, device=self.device, quantization=quantization)
-
-    return LargeModels
+    if quantization is not None:
+        spec = dataclasses.replace(spec, quantization=quantization)
+    return bench.run_grid(spec, output, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- environment
