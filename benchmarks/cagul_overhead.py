@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--k", type=int, default=4, help="visual tokens transformed (default: 4 of 16)")
-    ap.add_argument("--output", default=str(HERE / "results" / "cagul_overhead.json"))
+    ap.add_argument("--output", help="default: results/cagul_overhead.json; --quick: none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = 5 if args.quick else 40
@@ -80,15 +80,19 @@ def main() -> None:
         return run
 
     out = {"threads": 1, "k": args.k, "model": "tiny (16 visual tokens, 4 decoder layers)",
-           "forward, 8 image questions with answers": timing.interleaved({k: forward(m) for k, m in models.items()}, reps),
+           "forward, 8 image questions with answers": timing.interleaved({k: forward(m) for k, m in models.items()},
+                                                                         reps),
            "generate, 8 image questions, 20 new tokens": timing.interleaved({k: generate(m) for k, m in models.items()},
-                                                                      max(3, reps // 4))}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=1))
+                                                                      max(3, reps // 4)),
+           **timing.provenance()}
+    output = args.output or (None if args.quick else HERE / "results" / "cagul_overhead.json")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(out, indent=1))
     for name, r in out.items():
-        if isinstance(r, dict):
-            print(f"{name:45s} bare {r['median_s']['bare'] * 1e3:8.1f} ms  cagul {r['median_s']['cagul'] * 1e3:8.1f} ms"
-                  f"  ratio {r['ratio_cagul_over_bare']:.2f}")
+        if isinstance(r, dict) and "median_s" in r:
+            print(f"{name:45s} bare {r['median_s']['bare'] * 1e3:8.1f} ms  "
+                  f"cagul {r['median_s']['cagul'] * 1e3:8.1f} ms  ratio {r['ratio_cagul_over_bare']:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ decodes the whole output (``outputs[0][2:]``, special tokens skipped) and keeps 
 and run records'). Runs are interleaved (official, ours-8, ours-64, official, ...), so that machine
 noise hits them alike; each is reported by its median wall time and its median CPU time of this process
 (one thread; the CPU time is what the shared machine's load does not inflate), and the ratios
-official / ours. The replies are compared too: ``replies_equal`` counts the questions where our reply,
-after the scoring's own clean-up, is the official loop's.
+official / ours. The replies and scores are compared too: ``replies_equal`` counts the questions where
+our reply, after the scoring's own clean-up, is the official loop's, ``scores_equal`` those where every
+score (accuracy, refusal, ROUGE, ...) is the same; a speed-up with different answers is no speed-up, so
+any difference exits with status 1 and writes nothing.
 
     python benchmarks/eval_speed.py            # writes benchmarks/results/eval_speed.json
     python benchmarks/eval_speed.py --quick    # one mode, one repeat: a smoke run
@@ -21,21 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+import timing  # benchmarks/timing.py (the script's folder is on sys.path): provenance()
+
 HERE = Path(__file__).resolve().parent
 
 
 @torch.inference_mode()
-def official_loop(model, processor, queries, max_new_tokens: int = 50) -> list[str]:
-    """The official per-question loop (batch 1), its reply extraction and scoring included; the replies."""
+def official_loop(model, processor, queries, max_new_tokens: int = 50) -> tuple[list[str], list[dict]]:
+    """The official per-question loop (batch 1), its reply extraction and scoring included; the replies and
+    their scores."""
     from mlunlearn.data import decode_image
 
     tokenizer = processor.tokenizer
-    replies, opened = [], {}
+    replies, scores, opened = [], [], {}
     for query in queries:
         if query.images:  # the official script opens a person's image once per task; here once per run
             pictures = [opened.setdefault(id(image), decode_image(image)) for image in query.images]
@@ -46,9 +52,9 @@ def official_loop(model, processor, queries, max_new_tokens: int = 50) -> list[s
                                  pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(outputs[0][2:], skip_special_tokens=True)
         reply = text.split("ASSISTANT:")[1].strip() if "ASSISTANT:" in text else text.strip()
-        query.score(reply)  # the official script scores each reply as it goes (same rules as ours)
+        scores.append(query.score(reply))  # the official script scores each reply as it goes (our rules)
         replies.append(reply)
-    return replies
+    return replies, scores
 
 
 def main() -> None:
@@ -80,8 +86,8 @@ def main() -> None:
 
     def ours(batch_size):
         def run():
-            outputs[f"ours_batch{batch_size}"] = [r.reply for r in evaluate(model, processor, bench, 5, modes=modes,
-                                                                              batch_size=batch_size).records]
+            records = evaluate(model, processor, bench, 5, modes=modes, batch_size=batch_size).records
+            outputs[f"ours_batch{batch_size}"] = [r.reply for r in records], [r.scores for r in records]
         return run
 
     steps = {"official": official, "ours_batch8": ours(8), "ours_batch64": ours(64)}
@@ -97,8 +103,10 @@ def main() -> None:
             cpu[k].append(time.process_time() - c)
     med_wall = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    equal = {k: sum(clean_reply(a) == clean_reply(b) for a, b in zip(outputs["official"], outputs[k]))
-             for k in steps if k != "official"}
+    (official_replies, official_scores), ours_keys = outputs["official"], [k for k in steps if k != "official"]
+    equal = {k: sum(clean_reply(a) == clean_reply(b) for a, b in zip(official_replies, outputs[k][0]))
+             for k in ours_keys}
+    same_scores = {k: sum(a == b for a, b in zip(official_scores, outputs[k][1])) for k in ours_keys}
     result = {
         "threads": torch.get_num_threads(),
         "model": "tiny (16 visual tokens, 4 decoder layers), toyworld, forget 5, zero-shot, max_new_tokens 50",
@@ -110,9 +118,16 @@ def main() -> None:
         "ratio_official_over_ours_wall": {k: med_wall["official"] / med_wall[k] for k in steps if k != "official"},
         "ratio_official_over_ours_cpu": {k: med_cpu["official"] / med_cpu[k] for k in steps if k != "official"},
         "replies_equal": {k: f"{n}/{len(queries)}" for k, n in equal.items()},
+        "scores_equal": {k: f"{n}/{len(queries)}" for k, n in same_scores.items()},
+        **timing.provenance(),
     }
     text = json.dumps(result, indent=1)
     print(text)
+    differ = [k for k in ours_keys if equal[k] != len(queries) or same_scores[k] != len(queries)]
+    if differ:
+        sys.exit(f"error: {', '.join(differ)} answered differently from the official loop (replies_equal, "
+                 "scores_equal above): not a like-for-like speed-up, nothing written")
+    print(f"replies and scores identical to the official loop on all {len(queries)} questions")
     if not args.quick:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text + "\n")

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import timing  # benchmarks/timing.py (the script's folder is on sys.path): provenance()
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -67,10 +69,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", type=int, nargs=3, default=[1024, 4096, 4096], metavar=("IN", "HIDDEN", "OUT"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "jacobian_estimator.json")
+    parser.add_argument("--output", type=Path, help="default: results/jacobian_estimator.json; --quick: none")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.fixed_iters, args.batch_tokens = 2, [50], 8
+    output = args.output or (None if args.quick else HERE / "results" / "jacobian_estimator.json")
 
     torch.set_num_threads(args.threads)
     from mlunlearn.analysis import estimate_spectrum, singular_values, token_jacobians
@@ -124,10 +127,11 @@ def main(argv=None) -> dict:
         "exact_sigma": reference.tolist(),
         "exact_condition_median": (reference[:, 0] / reference[:, 1]).median().item(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "rows": rows,
+        "rows": rows, **timing.provenance(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1))
 
     print(f"{args.tokens} tokens, J is {args.sizes[2]} x {args.sizes[0]}, median condition "
           f"{result['exact_condition_median']:.3g}, {args.threads} thread(s)")
@@ -136,7 +140,7 @@ def main(argv=None) -> dict:
         print(f"{r['path']:<17}{r['seconds_per_token']:>10.3f}{str(r['iterations'] or '-'):>7}"
               f"{r['speedup_vs_exact_jacrev']:>10.2f}{r['speedup_vs_exact_jacfwd']:>10.2f}"
               f"{r['sigma_max_rel_error']:>11.2e}{r['sigma_min_rel_error']:>11.2e}")
-    print(f"wrote {args.output}")
+    print(f"wrote {output}" if output else "(--quick: nothing written)")
     return result
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model (smoke test)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
-    ap.add_argument("--output", default=str(HERE / "results" / "reference_memory.json"))
+    ap.add_argument("--output", help="default: results/reference_memory.json; --quick: none")
     args = ap.parse_args()
     if args.child:
         m, p, w, l, c = args.child
@@ -83,8 +83,13 @@ def main() -> None:
     for r in rows:
         base = next(x for x in rows if x["method"] == "ga" and x["params"] == r["params"])
         r["ratio_vs_ga"] = round(r["peak_bytes"] / base["peak_bytes"], 3)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"width": width, "layers": layers, "runs": rows}, indent=1))
+    import timing  # benchmarks/timing.py (the script's folder is on sys.path)
+
+    output = args.output or (None if args.quick else HERE / "results" / "reference_memory.json")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({"width": width, "layers": layers, "runs": rows, **timing.provenance()},
+                                           indent=1))
     print(f"{'method':8} {'params':6} {'reference':10} {'peak MB':>9} {'vs GA':>6}")
     for r in rows:
         ref = "deep copy" if r["copy_reference"] else "shared"

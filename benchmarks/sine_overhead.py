@@ -57,7 +57,8 @@ def tiny_step_fn(additive: bool):
     method = get_method("sineproject", objective="po", additive=additive, omega=30.0)
     model = method.prepare(model).train()
     data = add_refusals(unlearning_data(open_benchmark("toyworld"), 5))
-    batch = {"forget_refusal": collate(processor, data.forget_refusal[:4]), "retain": collate(processor, data.retain[:4])}
+    batch = {"forget_refusal": collate(processor, data.forget_refusal[:4]),
+             "retain": collate(processor, data.retain[:4])}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step():
@@ -75,18 +76,20 @@ def interleaved(make, repeats: int, warmup: int = 3) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--output", default=str(HERE / "results" / "sine_overhead.json"))
+    ap.add_argument("--output", help="default: results/sine_overhead.json; --quick: none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = 5 if args.quick else 30
     out = {"threads": 1, "projector (LLaVA-7B size, 576 tokens)": interleaved(projector_step_fn, reps),
-           "tiny model step (PO + LoRA)": interleaved(tiny_step_fn, 4 * reps)}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=1))
+           "tiny model step (PO + LoRA)": interleaved(tiny_step_fn, 4 * reps), **timing.provenance()}
+    output = args.output or (None if args.quick else HERE / "results" / "sine_overhead.json")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(out, indent=1))
     for name, r in out.items():
-        if isinstance(r, dict):
-            print(f"{name:40s} additive {r['median_s']['additive'] * 1e3:8.1f} ms  sine {r['median_s']['sine'] * 1e3:8.1f} ms"
-                  f"  ratio {r['ratio_sine_over_additive']:.3f}")
+        if isinstance(r, dict) and "median_s" in r:
+            print(f"{name:40s} additive {r['median_s']['additive'] * 1e3:8.1f} ms  "
+                  f"sine {r['median_s']['sine'] * 1e3:8.1f} ms  ratio {r['ratio_sine_over_additive']:.3f}")
 
 
 if __name__ == "__main__":

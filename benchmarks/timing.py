@@ -26,3 +26,36 @@ def interleaved(steps: dict, repeats: int, warmup: int = 3, baseline: str | None
         out[f"ratio_{second}_over_{first}"] = med[second] / med[first]
     out["repeats"] = repeats
     return out
+
+
+def provenance(code: tuple[str, ...] = ("mlunlearn", "benchmarks/*.py")) -> dict:
+    """``{"measured": {date, commit, machine}}``: when, on which code and on what a result was measured, for
+    the README's Performance table (benchmarks/report.py). ``commit`` is HEAD's short hash, with "+dirty"
+    when the paths in ``code`` have uncommitted changes (what ran is then not exactly that commit)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git: the commit is unknown, the measurement still stands
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", *code)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"measured": {"date": datetime.date.today().isoformat(), "commit": head + ("+dirty" if dirty else ""),
+                         "machine": {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
+                                     "python": platform.python_version()}}}
