@@ -1,6 +1,7 @@
 # mlunlearn: build the book, run the tests, re-execute the chapters.
 #   make book      build the HTML book into _build/html (chapters are committed executed; nothing runs)
-#   make test      unit tests + nbval on every chapter + a recheck of the run records (the command CI runs)
+#   make test      unit tests + nbval on every chapter + a recheck of the run records + the built book opened
+#                  in headless Chromium (the command CI runs)
 #   make execute   re-execute every chapter in place, top to bottom (run before committing a chapter)
 #   make clean     remove build artefacts (keeps .venv); make distclean also removes .venv
 
@@ -27,7 +28,7 @@ NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.c
 NB_WORKERS ?= 2
 UNIT_WORKERS ?= 2
 
-.PHONY: all install book test test-unit test-notebooks test-records execute clean distclean
+.PHONY: all install book test test-unit test-notebooks test-records test-book execute clean distclean
 
 all: book
 
@@ -44,16 +45,19 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
+# Warnings are errors (-W); --keep-going still reports them all, and still writes the HTML.
+JB_FLAGS := -W --keep-going
+
 book: $(STAMP)
-	$(BIN)/jupyter-book build .
+	$(BIN)/jupyter-book build . $(JB_FLAGS)
 	@echo "Book: _build/html/index.html"
 
 # -k: run the notebooks even when a unit test fails, so one CI run reports both; exit status stays non-zero.
 test: $(STAMP)
-	@$(MAKE) --no-print-directory -k test-unit test-notebooks test-records
+	@$(MAKE) --no-print-directory -k test-unit test-notebooks test-records test-book
 
 test-unit: $(STAMP)
-	$(NB_ENV) $(BIN)/python -m pytest -n $(UNIT_WORKERS) --dist loadfile tests
+	$(NB_ENV) $(BIN)/python -m pytest -n $(UNIT_WORKERS) --dist loadfile tests --ignore=tests/test_rendered_book.py
 
 # pytest exits 5 when it collects nothing (no chapter notebooks, or none with code cells): that alone is
 # not a failure here; tests/test_notebooks_executed.py is what fails when a chapter in _toc.yml is missing.
@@ -67,6 +71,15 @@ test-notebooks: $(STAMP)
 # recomputes a subset from scratch and fails unless it equals the records exactly (`--all`: every record).
 test-records: $(STAMP)
 	$(NB_ENV) $(BIN)/python tools/recheck_records.py --jobs 2
+
+# Every page of _toc.yml opened in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
+# figures render, no error output, Colab button and install cell, no JavaScript error from the book's files.
+# --all: a full rebuild, so -W sees every page's warnings (an incremental build re-reads only changed pages).
+# --noconftest: tests/conftest.py only loads the tiny model (torch), which this test does not use.
+# A full-page screenshot of one chapter and the per-page report land in _build/artefacts/.
+test-book: $(STAMP)
+	$(BIN)/jupyter-book build . --all $(JB_FLAGS)
+	$(NB_ENV) MLUNLEARN_BOOK_HTML="$(CURDIR)/_build/html" $(BIN)/python -m pytest --noconftest tests/test_rendered_book.py
 
 execute: $(STAMP)
 	$(NB_ENV) $(BIN)/python tools/execute_notebooks.py
