@@ -48,7 +48,7 @@ def provenance(code: tuple[str, ...] = ("mlunlearn", "benchmarks/*.py")) -> dict
         except OSError:  # no git: the commit is unknown, the measurement still stands
             return ""
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", *code)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *code)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
