@@ -276,11 +276,13 @@ class Explorer:
 
     def config(self, method: str):
         """The :class:`~mlunlearn.engine.UnlearnConfig` of the run: the grid's engine settings, seed 0 (a
-        bench cell's ``UnlearnConfig(**engine_kw, seed=seed, progress=False)``), with this explorer's bar."""
+        bench cell's ``UnlearnConfig(**engine_kw, seed=seed, progress=False)``), with this explorer's bar
+        (off under ``TQDM_DISABLE``, the saving bar of the engine too: a notebook under nbval stores none)."""
         from mlunlearn.engine import UnlearnConfig
+        from mlunlearn.utils import progress_enabled
 
         _, engine_kw = self.resolve(method)
-        return UnlearnConfig(**{**engine_kw, "seed": 0, "progress": self.progress})
+        return UnlearnConfig(**{**engine_kw, "seed": 0, "progress": progress_enabled(self.progress)})
 
     def key(self, method: str, forget: int) -> dict:
         """Everything the unlearned model depends on (the disk cache's key; see the module docstring)."""

@@ -121,7 +121,8 @@ def test_no_widget_outputs_stored(path):
     assert not widgets, (
         f"{_rel(path)}: cells {widgets} (0-based) store {WIDGET_MIME} outputs, which render as noise "
         "without a kernel: store a static output (re-execute with tools/execute_notebooks.py, which "
-        "turns progress bars off)"
+        "turns progress bars off, and keeps only the text/html fallback of a live widget in a cell "
+        "marked # NBVAL_IGNORE_OUTPUT)"
     )
 
 
@@ -227,3 +228,29 @@ def test_chapter_times_are_summed_per_notebook_under_xdist(tmp_path):
     assert re.search(r"^\s*0 min \d\d s  passed  book/01_fine\.ipynb$", "\n".join(summary), re.M)
     assert re.search(r"^\s*0 min \d\d s  FAILED  book/02_broken\.ipynb$", "\n".join(summary), re.M)
     assert "(sum over chapters)" in run.stdout
+
+
+LIVE_WIDGET = """import ipywidgets
+class Live:
+    def _repr_mimebundle_(self, **kwargs):
+        view = ipywidgets.Button(description="go")._repr_mimebundle_(**kwargs)
+        return {**view, "text/html": "<p>run the notebook to use it</p>"}
+Live()"""
+
+
+def test_a_live_widget_is_stored_as_its_html_fallback_only_in_an_ignored_cell(tmp_path):
+    """A widget in a cell marked NBVAL_IGNORE_OUTPUT with a text/html fallback (chapter 11's explorer) is
+    written back as the fallback alone, without widget state; unmarked, or without a fallback, refused."""
+    tool = _execute_notebooks_tool()
+    path = _tiny_notebook(tmp_path / "live.ipynb", "# NBVAL_IGNORE_OUTPUT\n" + LIVE_WIDGET, "print('after')")
+    assert tool.main([str(path)]) == 0
+    nb = nbformat.read(path, as_version=4)
+    (output,) = nb.cells[0].outputs
+    assert output["data"]["text/html"] == "<p>run the notebook to use it</p>"
+    assert WIDGET_MIME not in output["data"] and "widgets" not in nb.metadata
+    assert nb.cells[1].outputs[0]["text"] == "after\n"
+    for source in (LIVE_WIDGET, "# NBVAL_IGNORE_OUTPUT\nimport ipywidgets\nipywidgets.Button()"):
+        refused = _tiny_notebook(tmp_path / "refused.ipynb", source)
+        before = refused.read_bytes()
+        assert tool.main([str(refused)]) == 1
+        assert refused.read_bytes() == before

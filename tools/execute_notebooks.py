@@ -12,6 +12,11 @@ tqdm's environment variables only change defaults, and both `tqdm(..., disable=n
 tqdm.notebook (which turns `disable=None` into False) pass the argument explicitly: a chapter has to
 call the package with `progress=False`.
 
+One exception, for a chapter whose point is a live widget (chapter 11's explorer): a cell marked
+`# NBVAL_IGNORE_OUTPUT` whose widget output also carries a `text/html` fallback (what to do without a
+kernel) is written back with the fallback only: the widget view is dropped from that output, and so is
+the widget state nbclient puts in the notebook's metadata. Any other widget output is still refused.
+
 The kernel is always this interpreter (the project's venv), whatever kernelspecs the user has installed.
 A notebook whose execution fails is not written back; the others still run; the exit status is 1.
 """
@@ -69,10 +74,33 @@ def apply_notebook_env(environ=os.environ) -> list[str]:
     return warnings
 
 
+IGNORE_OUTPUT = "# NBVAL_IGNORE_OUTPUT"  # nbval does not compare this cell's outputs
+WIDGET_STATE = "widgets"  # the notebook metadata key where nbclient stores widget state
+
+
 def widget_cells(nb) -> list[int]:
     """0-based indices of the cells whose outputs include an ipywidgets view."""
     return [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
             and any(WIDGET_MIME in out.get("data", {}) for out in cell.get("outputs", []))]
+
+
+def keep_widget_fallbacks(nb) -> list[int]:
+    """Drop the widget view from each output that has a ``text/html`` fallback, in cells marked
+    ``# NBVAL_IGNORE_OUTPUT`` (their stored output is for the page, not for nbval); then, if one was dropped
+    and no widget view is left, the widget state in the notebook's metadata (it describes the dropped
+    views). Returns the indices of the cells changed."""
+    changed = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not cell.source.lstrip().startswith(IGNORE_OUTPUT):
+            continue
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_MIME in data and "text/html" in data:
+                del data[WIDGET_MIME]
+                changed.append(i)
+    if changed and not widget_cells(nb):
+        nb.metadata.pop(WIDGET_STATE, None)
+    return sorted(set(changed))
 
 
 class CurrentEnvKernelSpecManager(KernelSpecManager):
@@ -113,11 +141,12 @@ def execute(path: Path) -> bool:
         print(f"FAILED {name}: not written back\n{err}", file=sys.stderr)
         return False
     seconds = time.perf_counter() - start
+    keep_widget_fallbacks(nb)
     widgets = widget_cells(nb)
     if widgets:
         print(f"FAILED {name} ({seconds:.0f} s): not written back: cells {widgets} (0-based) output "
-              "ipywidgets views (a progress bar? pass progress=False), which the book renders as noise",
-              file=sys.stderr)
+              "ipywidgets views (a progress bar? pass progress=False), which the book renders as noise; "
+              f"a live widget needs a cell marked {IGNORE_OUTPUT} and a text/html fallback", file=sys.stderr)
         return False
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
     nbformat.validate(nb)
