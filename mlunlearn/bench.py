@@ -77,7 +77,7 @@ def parse_list(text, kind: str, option: str) -> tuple:
     items = [str(t).strip() for t in (text.split(",") if isinstance(text, str) else text)]
     if not items or any(not t for t in items):
         raise GridError(f"{option} {text!r} has an empty item; give a comma-separated list, e.g. "
-                        f"{option} {'ga,npo' if kind == 'str' else '0,1'}")
+                        f"{option} {'ga,npo' if kind == 'str' else '5,10' if option == '--forget' else '0,1'}")
     if kind == "int":
         bad = [t for t in items if not t.lstrip("-").isdigit()]
         if bad:
@@ -279,7 +279,30 @@ def resolve_settings(methods, settings: dict) -> dict:
 # ------------------------------------------------------------------------------------------ folders
 
 def _is_done(out: Path, cell: Cell) -> bool:
-    return (out / cell.folder / "result.json").is_file()
+    return _unfinished(out, cell) is None
+
+
+def _unfinished(out: Path, cell: Cell) -> str | None:
+    """``None`` if the cell is finished: its ``result.json`` and ``run.json`` exist, and they and every extra
+    file it holds (``mia.json``, ``relearn.json``, ``benign.json``) parse as JSON objects. Else why not: ""
+    for a cell never finished (no ``result.json``: killed before its last write), a one-line reason for a
+    cell that looks finished but is damaged (a file cut short or overwritten by hand; the grid's own writes
+    are atomic, so a kill cannot do it). A damaged cell is recomputed, never reported as finished."""
+    folder = out / cell.folder
+    if not (folder / "result.json").is_file():
+        return ""
+    for name in ("result.json", "run.json", MIA_FILE, RELEARN_FILE, BENIGN_FILE):
+        path = folder / name
+        if name not in ("result.json", "run.json") and not path.exists():
+            continue
+        try:
+            if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                return f"{path} is not a JSON object"
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{path} is unreadable ({type(err).__name__}: cut short?)"
+    return None
 
 
 def check_folder(out, spec: GridSpec, overwrite: bool = False) -> Path:
@@ -339,6 +362,7 @@ def run_grid(spec: GridSpec, output, *, overwrite: bool = False, keep_models: bo
     bench = _open_data(spec)
     cells = spec.cells()
     pending = cells if overwrite else [c for c in cells if not _is_done(out, c)]
+    damaged = [] if overwrite else [reason for c in pending if (reason := _unfinished(out, c))]
     set_seed(0, threads=threads)
     models = _Models(spec.model, device, spec.quantization)
     if pending:
@@ -347,6 +371,8 @@ def run_grid(spec: GridSpec, output, *, overwrite: bool = False, keep_models: bo
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / BENCH_FILE, spec.to_json())
+    for reason in damaged if log is not None else ():
+        log(f"{reason}: the cell is not finished; computing it again")
     bar = progress_bar(pending, desc="bench", progress=progress, unit="cell")
     for cell in bar:
         if hasattr(bar, "set_postfix_str"):

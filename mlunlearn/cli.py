@@ -19,6 +19,14 @@ import sys
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line on stderr, exit status 2 (argparse prints the whole
+    usage first, ten lines for ``bench``, which buries the error); the line says where the full usage is."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def _add_model_and_data(p) -> None:
     """``--model``, ``--data`` and ``--forget``, as ``eval`` and ``unlearn`` take them."""
     p.add_argument("--model", default="tiny",
@@ -188,7 +196,7 @@ def _add_bench(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlunlearn", description="Machine unlearning for LLaVA-1.5.")
+    parser = _Parser(prog="mlunlearn", description="Machine unlearning for LLaVA-1.5.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_eval(subparsers)
     _add_methods(subparsers)
@@ -452,15 +460,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _positive(text: str) -> int:
     """argparse type: an integer of at least 1."""
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+def _integer(text: str) -> int:
+    """``int(text)``, or argparse's one-line error naming the text (not "invalid _positive value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _seed(text: str) -> int:
     """argparse type: a seed NumPy accepts, 0 to 2**32 - 1."""
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
     return value

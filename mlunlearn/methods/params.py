@@ -67,7 +67,9 @@ class Parametrisation:
         for name, p in params.items():
             if tuple(state[name].shape) != tuple(p.shape):
                 raise TrainableStateError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model "
-                                          f"{tuple(p.shape)}; it was written with other settings (e.g. lora_r)")
+                                          f"{tuple(p.shape)}; it was written with other settings (e.g. lora_r) or "
+                                          "for another base model (another hidden size): load it on the base "
+                                          "it was trained on, with the same settings")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name].to(device=p.device, dtype=p.dtype))

@@ -202,6 +202,7 @@ def load_model(name: str = TINY, device: str | None = None, dtype: torch.dtype |
                                      "written by save_pretrained")
             if (path / "run.json").is_file():  # an `mlunlearn unlearn` output folder
                 return _load_run(path, device, dtype, quantization, attn_implementation)
+            _check_not_a_partial_run(path)
             local = path
         source = str(path) if looks_local else name
     processor_source, weights_files = source, True  # True: safetensors only
@@ -300,6 +301,20 @@ def _load_run(path: Path, device, dtype, quantization, attn_implementation):
                              "interrupted? Re-run it with --overwrite") from None
     from mlunlearn.methods.params import STATE_FILE
 
+    needed = ("model", "method", "hyperparameters") if (path / STATE_FILE).is_file() else ("model",)
+    lacking = [key for key in needed if not isinstance(run, dict) or key not in run]
+    if lacking:  # why: run.json names the base and the method the saved tensors belong to; without them: a KeyError
+        raise ModelLoadError(f"{path}/run.json is not a run record of `mlunlearn unlearn` (no "
+                             f"{', '.join(repr(k) for k in lacking)}); fix: restore it, or re-run the run with "
+                             "--overwrite")
+    base = str(run["model"])
+    if (base.startswith((".", "/", "~")) or base.count("/") > 1) and not Path(base).expanduser().is_dir():
+        # why say so: the bare "no model folder at <base>" would not tell that the run folder itself is fine
+        shipped = " (the shipped tiny model: \"tiny\")" if Path(base).name == "tiny-vanilla" else ""
+        raise ModelLoadError(f"the run in {path} was trained on the base model {base}, which is not there any "
+                             "more (the run holds only what trained, not the base); fix: restore that folder, or "
+                             f"set \"model\" in {path}/run.json to where the base is now{shipped}")
+
     if quantization is None and run.get("quantization") == "4bit":
         # trained against a 4-bit base: its adapters belong with that base. On a GPU reload it so; elsewhere
         # (bitsandbytes 4-bit needs CUDA here) the full-precision base is the closest, and we say so
@@ -334,6 +349,21 @@ def _load_run(path: Path, device, dtype, quantization, attn_implementation):
         return model.eval(), processor
     raise ModelLoadError(f"{path} has a run.json but neither model/ nor {STATE_FILE}; was the run interrupted? "
                          "Re-run it with --overwrite")
+
+
+def _check_not_a_partial_run(path: Path) -> None:
+    """A folder without run.json that holds a run's parts (``trainable.safetensors``, or ``model/``) is a
+    partial or moved run, not a model folder: say that, instead of "has no config.json"."""
+    from mlunlearn.methods.params import STATE_FILE
+
+    if (path / "config.json").is_file():
+        return
+    if (path / "model" / "config.json").is_file():
+        raise ModelLoadError(f"{path} holds a merged run's model/ but no run.json; fix: pass {path / 'model'} "
+                             "(the merged model), or restore run.json")
+    if (path / STATE_FILE).is_file():
+        raise ModelLoadError(f"{path} holds {STATE_FILE} but no run.json, which names the base model and the "
+                             "method it belongs to; fix: restore run.json, or re-run the run with --overwrite")
 
 
 def parameter_counts(model) -> dict:
