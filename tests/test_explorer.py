@@ -5,6 +5,7 @@ Runs are short (GA for 8 steps at lr 3e-3 through the settings override: enough 
 forget a name) and trained once for the module, in a temporary cache folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from mlunlearn.explorer import Explorer, ExplorerError, View, figure, table, wid
 pytestmark = needs_vanilla
 
 QUICK = {"max_steps": 8, "lr": 3e-3}  # a GA run that forgets on the tiny model in a few seconds
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTER = ROOT / "book" / "11_explorer.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_the_run_uses_the_grids_settings_for_each_method(explorer):
         assert plain.resolve(method) == GridSpec(methods=(method,), mia=False, relearn=False,
                                                  benign=False).resolved[method]
         assert plain.config(method).seed == 0
-    stored = json.loads(open("book/records/10_tiny_bench_ga-graddiff-kl_forget5/bench.json").read())
+    stored = json.loads((ROOT / "book/records/10_tiny_bench_ga-graddiff-kl_forget5/bench.json").read_text())
     assert stored["settings"] == {}  # chapter 10's grid sets nothing: the defaults above are its settings
     assert explorer.config("ga").max_steps == 8 and explorer.config("ga").lr == 3e-3
 
@@ -215,3 +218,43 @@ def test_the_widget_carries_a_static_html_fallback(explorer):
     assert bundle["text/html"] == FALLBACK_HTML and "application/vnd.jupyter.widget-view+json" in bundle
     with pytest.raises(ExplorerError, match="unknown method"):
         widget(explorer, method="nope")
+
+
+class DownloadStarted(Exception):
+    """Raised by the patched hub at the first file the chapter would download."""
+
+
+@pytest.mark.parametrize("gpu", ["a100", "t4"])
+def test_the_chapters_gpu_settings_build_the_7b_explorer_and_stop_at_the_first_download(gpu, monkeypatch,
+                                                                                       tmp_path):
+    """Chapter 11's settings cell with GPU set: MLLMU-Bench's vanilla LLaVA-1.5-7B (4-bit on a T4), chapter
+    7's GPU saliency settings, one model in memory; the first thing fetched is the benchmark's forget_5
+    (the hub patched to raise there), before any model loads or any cache folder is written."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+
+    from mlunlearn.data import BenchmarkError
+
+    calls = []
+
+    def download(*args, **kwargs):
+        calls.append(kwargs.get("repo_id", args[0] if args else None))
+        raise DownloadStarted(calls[-1])
+
+    for module in (huggingface_hub, transformers_hub):
+        monkeypatch.setattr(module, "hf_hub_download", download)
+        monkeypatch.setattr(module, "snapshot_download", download)
+    monkeypatch.setenv("MLUNLEARN_CACHE", str(tmp_path))
+    cells = [c for c in json.loads(CHAPTER.read_text())["cells"] if "settings" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1
+    source = "".join(cells[0]["source"])
+    assert source.count("GPU = None") == 1
+    namespace = {}
+    with pytest.raises(BenchmarkError, match=r"cannot download MLLMMU/MLLMU-Bench/forget_5 \(DownloadStarted\)"):
+        exec(compile(source.replace("GPU = None", f"GPU = {gpu!r}", 1), str(CHAPTER), "exec"), namespace)
+    ex = namespace["explorer"]
+    assert (ex.model_name, ex.data_name) == ("mllmu-vanilla-7b", "mllmu-bench")
+    assert ex.quantization == ("4bit" if gpu == "t4" else None)
+    assert (ex.ig_steps, ex.ig_batch, ex.max_models) == (64, 4, 1)
+    assert calls == ["MLLMMU/MLLMU-Bench"] and ex._vanilla is None
+    assert ex.cache == tmp_path / "explorer" and not ex.cache.exists()
