@@ -10,7 +10,8 @@ MODULES = {"bad_input": "test_bad_input.py", "runs": "test_runs.py", "cli": "tes
            "continual": "test_continual.py", "cagul": "test_cagul.py", "saliency": "test_saliency.py",
            "safety": "test_safety.py", "bench": "test_bench.py", "protocol": "test_protocol.py",
            "clear": "test_clear.py", "multigpu": "test_multigpu.py", "memory": "test_memory.py",
-           "faults": "test_faults.py"}
+           "faults": "test_faults.py",
+           "benchmark_report": "test_benchmark_report.py"}
 
 
 def _table_rows() -> list[str]:
