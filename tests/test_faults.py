@@ -348,3 +348,36 @@ def test_a_nonsense_value_of_any_option_is_one_line_and_exit_2(command, option, 
     assert_one_line_error(code, err)
     assert value in err or option in err or option.lstrip("-") in err, err  # it names what was wrong
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the tools
+
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool, argv, needle", [
+    ("recheck_records", ["--jobs", "0"], "--jobs 0: must be at least 1"),
+    ("recheck_records", ["--folder", "/no/records/here"], "--folder /no/records/here: no such folder"),
+    ("execute_notebooks", ["book/01_no_such_chapter.ipynb"], "no such notebook"),
+    ("execute_notebooks", ["README.md"], "not a notebook (.ipynb)"),
+])
+def test_the_tools_refuse_a_typo_in_one_line_before_running_anything(tool, argv, needle, capsys):
+    module = _tool(tool)
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert_one_line_error(stop.value.code, err, needle)
+
+
+@pytest.mark.parametrize("setting, needle", [("max_steps=abc", "max_steps='abc': expected an int (a whole number)"),
+                                             ("max_steps=1.5", "max_steps='1.5': expected an int")])
+def test_a_whole_number_setting_given_otherwise_says_so_in_one_line(setting, needle, tmp_path, capsys):
+    code, _, err = _cli(capsys, "unlearn", "--method", "ga", "--set", setting, "--output", str(tmp_path / "x"))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "x").exists()

@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in _toc.yml")
     args = parser.parse_args(argv)
+    bad = [p for p in args.notebooks if p.suffix != ".ipynb" or not p.is_file()]
+    if bad:  # why: a typo'd name was a FileNotFoundError traceback from nbformat
+        what = "no such notebook" if bad[0].suffix == ".ipynb" else "not a notebook (.ipynb)"
+        parser.exit(2, f"{parser.prog}: error: {bad[0]}: {what}; fix: pass chapter files such as "
+                       "book/01_anatomy_and_world.ipynb\n")
     for warning in apply_notebook_env():
         print(f"warning: {warning}", file=sys.stderr)
     paths = [p.resolve() for p in args.notebooks] or toc_notebooks()

@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --grids: the cell to recompute, as METHOD/forget<F>_seed<S> (default: each "
                              "grid's first unlearning cell)")
     args = parser.parse_args(argv)
+    # why here: a typo must fail in one line, not after minutes of rechecking (--jobs 0 ran everything serially)
+    if args.jobs < 1:
+        parser.exit(2, f"{parser.prog}: error: --jobs {args.jobs}: must be at least 1\n")
+    if not args.folder.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --folder {args.folder}: no such folder; fix: pass the folder that "
+                       "holds the records (default: book/records)\n")
 
     import torch
 

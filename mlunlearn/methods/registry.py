@@ -51,7 +51,8 @@ def convert(default, value, key: str = ""):
             return float(value)
     except ValueError:
         extra = " or 'on' (SafeEraser's weight for the method)" if key == "pd" else ""
-        raise MethodError(f"{key}={value!r}: expected a {type(default).__name__}{extra}") from None
+        kind = {"int": "an int (a whole number)"}.get(type(default).__name__, f"a {type(default).__name__}")
+        raise MethodError(f"{key}={value!r}: expected {kind}{extra}") from None
     return value
 
 
