@@ -36,9 +36,10 @@ last ``max_models`` on a larger one) and saved by the engine itself (``unlearn(o
 ``model/`` or ``trainable.safetensors`` beside ``run.json``) into ``<cache>/<method>-forget<N>-<digest>/``,
 where ``<cache>`` is ``$MLUNLEARN_CACHE/explorer`` (default ``~/.cache/mlunlearn/explorer``) or the
 ``cache`` argument. The digest is a SHA-256 of the run's key (:meth:`Explorer.key`): the model and its
-weights' digest (for local weights), the data, the forget size, the method and its hyper-parameters, the
-engine settings with the seed, quantization, device, the versions of mlunlearn and torch, and a digest of
-the package's source. A later session with the same key loads the folder instead of training; any change
+weights' digest (for local weights), the data's name (the synthetic world is made by the package's source,
+below; a local benchmark folder is named, not hashed: give a changed copy a new name), the forget size, the
+method and its hyper-parameters, the engine settings with the seed, quantization, device, the versions of
+mlunlearn and torch, and a digest of the package's source. A later session with the same key loads the folder instead of training; any change
 gives another folder. ``cache=False`` keeps nothing on disk.
 
 A bad method, forget size or person is an :class:`ExplorerError`: one line naming the choices.
@@ -50,7 +51,6 @@ import copy
 import gc
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
