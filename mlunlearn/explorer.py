@@ -39,8 +39,8 @@ where ``<cache>`` is ``$MLUNLEARN_CACHE/explorer`` (default ``~/.cache/mlunlearn
 weights' digest (for local weights), the data's name (the synthetic world is made by the package's source,
 below; a local benchmark folder is named, not hashed: give a changed copy a new name), the forget size, the
 method and its hyper-parameters, the engine settings with the seed, quantization, device, the versions of
-mlunlearn and torch, and a digest of the package's source. A later session with the same key loads the folder instead of training; any change
-gives another folder. ``cache=False`` keeps nothing on disk.
+mlunlearn and torch, and a digest of the package's source. A later session with the same key loads the
+folder instead of training; any change gives another folder. ``cache=False`` keeps nothing on disk.
 
 A bad method, forget size or person is an :class:`ExplorerError`: one line naming the choices.
 """
