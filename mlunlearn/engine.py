@@ -306,6 +306,59 @@ def _last_checkpoint(folder) -> str | None:
     return get_last_checkpoint(folder) if folder and Path(folder).is_dir() else None
 
 
+# What a checkpoint needs to resume exactly: the Trainer writes these files in place, one after another, so a
+# kill while it saves leaves a checkpoint-N missing some or holding one cut short.
+CHECKPOINT_FILES = ("trainer_state.json", CHECKPOINT_METHOD, STATE_FILE, "optimizer.pt", "scheduler.pt")
+
+
+def _checkpoint_damage(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed exactly (a file missing or cut short), or None.
+    Cheap: JSON files parse, the safetensors header reads, each ``.pt``/``.pth`` (a zip) has its directory."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            return f"no {name}"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            elif path.suffix in (".pt", ".pth") and not zipfile.is_zipfile(path):
+                return f"{path.name} is cut short"
+        except (OSError, ValueError, SafetensorError):
+            return f"{path.name} is cut short or unreadable"
+    return None
+
+
+def _resumable_checkpoint(folder) -> str | None:
+    """The newest checkpoint in ``folder`` that is complete; a damaged newer one (a kill while saving) is
+    skipped with a warning: resuming from the one before gives the same run, only a few steps later."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder or not Path(folder).is_dir():
+        return None
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+    skipped = []
+    for _, path in reversed(found):
+        damage = _checkpoint_damage(path)
+        if damage is None:
+            if skipped:
+                warnings.warn(f"skipped the damaged {'; '.join(skipped)} (a kill while saving?); resuming from "
+                              f"{path}", stacklevel=3)
+            return str(path)
+        skipped.append(f"{path.name} ({damage})")
+    if skipped:
+        raise OutputFolderError(f"resume=true but no checkpoint in {folder} is complete ({'; '.join(skipped)}); "
+                                "start over with --overwrite")
+    return None
+
+
 class _Timing(TrainerCallback):
     def __init__(self):
         self.step_seconds: list = []
@@ -493,7 +546,7 @@ def unlearn(model="tiny", data="toyworld", forget: int = 5, method="ga", config:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume = _last_checkpoint(ckpt_dir) if config.resume else None
+    resume = _resumable_checkpoint(ckpt_dir) if config.resume else None
     if config.resume and resume is None:
         raise OutputFolderError(f"resume=true but there is no checkpoint in {ckpt_dir}")
     start_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0

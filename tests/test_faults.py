@@ -381,3 +381,57 @@ def test_a_whole_number_setting_given_otherwise_says_so_in_one_line(setting, nee
     code, _, err = _cli(capsys, "unlearn", "--method", "ga", "--set", setting, "--output", str(tmp_path / "x"))
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _train(vanilla, output=None, **config):
+    model, processor = vanilla
+    config = UnlearnConfig(**{"merge": False, "progress": False, **config})
+    return unlearn(copy.deepcopy(model), "toyworld", 5, "ga", config, output=output, processor=processor)
+
+
+@pytest.fixture(scope="module")
+def killed_while_saving(vanilla, tmp_path_factory):
+    """A run of 4 steps with checkpoints at 2 and 4, as a kill leaves it (no run.json, no final state), and the
+    trained tensors of the same run uninterrupted."""
+    folder = tmp_path_factory.mktemp("ckpt") / "run"
+    full = _train(vanilla, folder, max_steps=4, save_steps=2)
+    (folder / "run.json").unlink()
+    (folder / "trainable.safetensors").unlink()
+    return folder, {n: p.detach().clone() for n, p in full.model.named_parameters() if "lora" in n}
+
+
+CHECKPOINT_DAMAGE = {"optimizer.pt cut short": ("optimizer.pt", _truncate),
+                     "trainer_state.json cut short": ("trainer_state.json", _truncate),
+                     "rng_state.pth cut short": ("rng_state.pth", _truncate),
+                     "method.json cut short": ("method.json", _truncate),
+                     "scheduler.pt never written": ("scheduler.pt", lambda p: p.unlink())}
+
+
+@needs_vanilla
+@pytest.mark.parametrize("case", CHECKPOINT_DAMAGE)
+def test_a_checkpoint_damaged_by_a_kill_while_saving_is_skipped_and_the_run_resumes_exactly(
+        vanilla, killed_while_saving, tmp_path, case):
+    name, damage = CHECKPOINT_DAMAGE[case]
+    source, expected = killed_while_saving
+    folder = tmp_path / "run"
+    shutil.copytree(source, folder)
+    damage(folder / "checkpoints/checkpoint-4" / name)  # was: a traceback from torch.load / json / the Trainer
+    with pytest.warns(UserWarning, match=f"skipped the damaged checkpoint-4 .*{name.split('.')[0]}.*resuming from"):
+        resumed = _train(vanilla, folder, max_steps=4, save_steps=2, resume=True)
+    assert resumed.run["resumed_from"] == "checkpoint-2" and resumed.run["steps"] == 4
+    state = {n: p for n, p in resumed.model.named_parameters() if "lora" in n}
+    assert state.keys() == expected.keys() and all(torch.equal(state[n], expected[n]) for n in state)
+
+
+@needs_vanilla
+def test_resume_with_every_checkpoint_damaged_is_a_one_line_error(killed_while_saving, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(killed_while_saving[0], folder)
+    for step in (2, 4):
+        _truncate(folder / f"checkpoints/checkpoint-{step}/optimizer.pt")
+    code, _, err = _cli(capsys, "unlearn", "--method", "ga", "--set", "max_steps=4", "--set", "save_steps=2",
+                        "--set", "merge=false", "--set", "resume=true", "--no-progress", "--output", str(folder))
+    assert_one_line_error(code, err, "no checkpoint in", "is complete", "checkpoint-4 (optimizer.pt is cut short)",
+                          "--overwrite")
