@@ -325,6 +325,9 @@ def check_folder(out, spec: GridSpec, overwrite: bool = False) -> Path:
     except (OSError, ValueError) as err:
         raise GridError(f"{out / BENCH_FILE} cannot be read ({type(err).__name__}); give a new folder, or pass "
                         "--overwrite to start the grid over") from None
+    if not isinstance(old, dict):  # why: a list or a number here was an AttributeError traceback
+        raise GridError(f"{out / BENCH_FILE} holds a JSON {type(old).__name__}, not a grid's spec; give a new folder, "
+                        "or pass --overwrite to start the grid over")
     new = spec.to_json()
     if old != new:
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]

@@ -257,6 +257,20 @@ def test_bench_killed_by_sigkill_mid_grid_resumes_to_the_uninterrupted_bytes(gri
     assert (out / "leaderboard.csv").read_bytes() == (grid / "leaderboard.csv").read_bytes()
 
 
+@pytest.mark.parametrize("content", ["", '{"model": "tiny", "data": "toy', "[]"])
+def test_a_bench_json_cut_short_is_refused_in_one_line_and_nothing_changes(tmp_path, capsys, content, monkeypatch):
+    import mlunlearn.models
+
+    monkeypatch.setattr(mlunlearn.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    out = tmp_path / "grid"
+    (out / "runs/vanilla/forget5").mkdir(parents=True)
+    (out / "bench.json").write_text(content)
+    before = _snapshot(out)
+    code, _, err = _cli(capsys, "bench", *QUICK, "--output", str(out))
+    assert_one_line_error(code, err, "bench.json", "--overwrite")
+    assert _snapshot(out) == before
+
+
 # ------------------------------------------------------------------------------------------ safety files
 
 def _safeeraser(tmp_path, edit):
