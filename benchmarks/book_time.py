@@ -11,8 +11,9 @@ a chapter builds on its first run is timed. Per chapter it measures
 
 - the wall time, kernel start to kernel stop, and
 - the kernel's CPU time: after the last cell the kernel is asked for `resource.getrusage` of itself plus
-  its waited-for children (user + system). Other processes on a shared machine stretch the wall time but
-  not the CPU time, so the CPU time is the headline on a CPU; on a GPU the wall time is (the CPU waits).
+  its waited-for children (user + system). Other processes on a shared machine stretch the wall time far
+  more than the CPU time (which still moves some: caches and memory bandwidth are shared), so the CPU time
+  is the headline on a CPU; on a GPU the wall time is (the CPU waits).
 
 Ratios: each chapter's CPU time over the 5-minute chapter budget (book/conftest.py's BUDGET_S), the sum
 over chapters over the 30-minute budget for the whole book in CI (issue 14; CI runs two chapters at a time,
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         name = path.stem
         print(f"running {name} ...", flush=True)
         # date, commit (+dirty), machine: per chapter, as the shared working tree may change between chapters
-        info = timing.provenance(code=("mlunlearn", "book"))["measured"]
+        info = {k.removeprefix("measured_"): v for k, v in timing.provenance(code=("mlunlearn", "book")).items()}
         try:
             entry = run_chapter(path, args.gpu, args.safeeraser)
         except CellExecutionError as err:

@@ -46,8 +46,7 @@ def x(ratio: float) -> str:
 
 
 def measured(result: dict) -> str:
-    m = result.get("measured") or {}
-    return f"{m.get('date', '?')}, `{m.get('commit', '?')}`"
+    return f"{result.get('measured_date', '?')}, `{result.get('measured_commit', '?')}`"
 
 
 def eval_speed(r: dict) -> tuple[str, str, str]:
@@ -120,8 +119,8 @@ def book_time(r: dict) -> tuple[str, str, str]:
         if done:
             text += (f"; {label}: {sum(gpu[n]['wall_s'] for n in done) / 60:.1f} wall min over chapter "
                      f"{', '.join(n[:2] for n in done)}")
-    return ("whole-book execution, every chapter in a fresh kernel: the kernel's CPU time (robust to other load) "
-            "over the budget",
+    return ("whole-book execution, every chapter in a fresh kernel: the kernel's CPU time (far less sensitive "
+            "than wall time to other load) over the budget",
             "the budgets: 5 min per chapter, 30 min for the book (CI)", text)
 
 
@@ -160,10 +159,9 @@ def machines(results: dict[str, dict]) -> str:
     seen: dict[str, list[str]] = {}
     for name, r in results.items():
         ms = ([e.get("machine") for key in ("cpu", *GPUS) for e in r.get(key, {}).values()] if name == "book_time"
-              else [(r.get("measured") or {}).get("machine")])
+              else [r.get("measured_machine")])
         for m in ms:
-            desc = (f"{m['cores']} cores, {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "")
-                    + f", torch {m['torch']}") if m else "not recorded (measured before the scripts recorded it)"
+            desc = m or "not recorded (measured before the scripts recorded it)"
             if name not in seen.setdefault(desc, []):
                 seen[desc].append(name)
     return "\n".join(f"- {desc}: {', '.join(f'`{n}.py`' for n in names)}" for desc, names in seen.items())
@@ -206,9 +204,9 @@ def teaching_table(results: dict[str, dict] | None = None) -> str:
         lines.append(f"| whole book{' (measured chapters)' if missing else ''} | {cpu / 60:.1f} | {wall / 60:.1f} "
                      f"| {x(cpu / BOOK_BUDGET_S)} of 30 min | |" + " |" * max(1, len(gpu_keys)))
         dates = sorted({entries[n]["date"] for n in names})
-        m = entries[names[0]]["machine"]
-        lines += ["", f"Measured {', '.join(dates)} on {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']}, "
-                  "one thread per kernel, by `python benchmarks/book_time.py`."]
+        machines = sorted({entries[n]["machine"] for n in names})
+        lines += ["", f"Measured {', '.join(dates)} on {'; '.join(machines)}, one thread per kernel, by "
+                  "`python benchmarks/book_time.py`."]
     return "\n".join(lines) + "\n"
 
 

@@ -29,9 +29,12 @@ def interleaved(steps: dict, repeats: int, warmup: int = 3, baseline: str | None
 
 
 def provenance(code: tuple[str, ...] = ("mlunlearn", "benchmarks/*.py")) -> dict:
-    """``{"measured": {date, commit, machine}}``: when, on which code and on what a result was measured, for
-    the README's Performance table (benchmarks/report.py). ``commit`` is HEAD's short hash, with "+dirty"
-    when the paths in ``code`` have uncommitted changes (what ran is then not exactly that commit)."""
+    """``{"measured_date", "measured_commit", "measured_machine"}``: when, on which code and on what a result was
+    measured, for the README's Performance table (benchmarks/report.py). ``commit`` is HEAD's short hash, with
+    "+dirty" when the paths in ``code`` have uncommitted changes (what ran is then not exactly that commit).
+
+    Flat strings, not a nested dict: chapter 4 reads sine_overhead.json and takes every dict in it for a
+    timing (so would any reader that walks a result's measurements)."""
     import datetime
     import os
     import platform
@@ -56,6 +59,13 @@ def provenance(code: tuple[str, ...] = ("mlunlearn", "benchmarks/*.py")) -> dict
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"measured": {"date": datetime.date.today().isoformat(), "commit": head + ("+dirty" if dirty else ""),
-                         "machine": {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
-                                     "python": platform.python_version()}}}
+    machine = machine_text({"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
+                            "python": platform.python_version()})
+    return {"measured_date": datetime.date.today().isoformat(), "measured_commit": head + ("+dirty" if dirty else ""),
+            "measured_machine": machine}
+
+
+def machine_text(m: dict) -> str:
+    """'2 cores, AMD EPYC, torch 2.13.0+cpu, python 3.11.7' (the GPU after the CPU when there is one)."""
+    return (f"{m['cores']} cores, {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "")
+            + f", torch {m['torch']}, python {m['python']}")
