@@ -271,6 +271,23 @@ def test_a_bench_json_cut_short_is_refused_in_one_line_and_nothing_changes(tmp_p
     assert _snapshot(out) == before
 
 
+# ------------------------------------------------------------------------------------------ MLLMU-Bench files
+
+@pytest.mark.parametrize("config", ["forget_5", "Test_Set", "retain_95"])
+@pytest.mark.parametrize("damage", ["cut in half", "random bytes", "empty"])
+def test_a_published_layout_parquet_file_that_is_damaged_is_a_one_line_error(tmp_path, capsys, config, damage):
+    from test_cli import _small_configs, _write
+
+    folder = Path(_write(tmp_path, _small_configs()))
+    (path,) = (folder / config).glob("*.parquet")
+    data = path.read_bytes()
+    path.write_bytes({"cut in half": data[: len(data) // 2], "random bytes": os.urandom(3000), "empty": b""}[damage])
+    code, _, err = _cli(capsys, "eval", "--data", str(folder), "--model", "/no/model/here", "--no-progress",
+                        "--output", str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, f"cannot read {folder / config}", path.name)  # the data fails first
+    assert not (tmp_path / "r.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ safety files
 
 def _safeeraser(tmp_path, edit):
