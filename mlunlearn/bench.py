@@ -75,14 +75,14 @@ def parse_list(text, kind: str, option: str) -> tuple:
     """``"ga,npo"`` → ``("ga", "npo")``; ``kind`` "str" or "int". Empty items, duplicates and (for "int")
     non-integers are a :class:`GridError` naming ``option``."""
     items = [str(t).strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    example = f"{option} {'ga,npo' if kind == 'str' else '5,10' if option == '--forget' else '0,1'}"
     if not items or any(not t for t in items):
-        raise GridError(f"{option} {text!r} has an empty item; give a comma-separated list, e.g. "
-                        f"{option} {'ga,npo' if kind == 'str' else '5,10' if option == '--forget' else '0,1'}")
+        raise GridError(f"{option} {text!r} has an empty item; give a comma-separated list, e.g. {example}")
     if kind == "int":
         bad = [t for t in items if not t.lstrip("-").isdigit()]
         if bad:
             raise GridError(f"{option} {text!r}: {bad[0]!r} is not an integer; give integers separated by commas, "
-                            f"e.g. {option} 0,1")
+                            f"e.g. {example}")
         items = [int(t) for t in items]
     dup = sorted({str(t) for t in items if items.count(t) > 1})
     if dup:

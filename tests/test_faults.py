@@ -466,3 +466,10 @@ def test_resume_with_every_checkpoint_damaged_is_a_one_line_error(killed_while_s
                         "--set", "merge=false", "--set", "resume=true", "--no-progress", "--output", str(folder))
     assert_one_line_error(code, err, "no checkpoint in", "is complete", "checkpoint-4 (optimizer.pt is cut short)",
                           "--overwrite")
+
+
+@pytest.mark.parametrize("value, needle", [("", "e.g. --forget 5,10"), ("five", "e.g. --forget 5,10")])
+def test_a_bad_forget_list_gives_an_example_of_forget_percentages(value, needle, tmp_path, capsys):
+    code, _, err = _cli(capsys, "bench", "--forget", value, "--no-progress", "--output", str(tmp_path / "grid"))
+    assert_one_line_error(code, err, needle)  # was: "e.g. --forget 0,1", which is itself refused
+    assert not (tmp_path / "grid").exists()
