@@ -177,7 +177,9 @@ def readme_section(results: dict[str, dict] | None = None) -> str:
         if name == "book_time":
             entries = [e for key in ("cpu", *GPUS) for e in r.get(key, {}).values()]
             dates, commits = sorted({e["date"] for e in entries}), sorted({e["commit"] for e in entries})
-            when = f"{', '.join(dates) or '?'}, {', '.join(f'`{c}`' for c in commits) or '?'}"
+            dirty = sum(c.endswith("+dirty") for c in commits)
+            when = (f"{', '.join(dates) or '?'}, " + (", ".join(f"`{c}`" for c in commits) if len(commits) <= 2 else
+                    f"{len(commits)} commits, {dirty} with uncommitted changes (per chapter in `book_time.json`)"))
         else:
             when = measured(r)
         lines.append(f"| `{name}.py` | {what} | {baseline} | {ratios} | {when} |")
