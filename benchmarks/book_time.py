@@ -76,7 +76,7 @@ print("BOOK_TIME_PROBE " + _json.dumps({"cpu_self_s": _self.ru_utime + _self.ru_
 
 # --gpu: the settings lines of a chapter's CPU path and what they become on a GPU, as the chapters' own
 # comments say (chapters 1-8: MLLMU-Bench's vanilla 7B on MLLMU-Bench, in 4 bits; chapter 9: LLaVA-1.5-7B on
-# SafeEraser's files, which are not on the hub: --safeeraser; chapter 10: its GPU switch). A chapter needs one
+# SafeEraser's files, which are not on the hub: --safeeraser; chapters 10, 11: their GPU switch). A chapter needs one
 # of the SWITCHES, the DATA lines follow; otherwise a one-line error before anything runs.
 SWITCHES = [
     (re.compile(r'^MODEL = "tiny"(?=\s*(#|$))', re.M), 'MODEL = "mllmu-vanilla-7b"'),
@@ -199,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.setdefault(key, value) != value:
             print(f"warning: {key}={os.environ[key]} from the environment (make test uses {value})", file=sys.stderr)
 
-    results = json.loads(args.output.read_text()) if args.output.is_file() else {}
     key = f"gpu_{args.gpu}" if args.gpu else "cpu"
-    entries = results.setdefault(key, {})
     measured, failed = [], []
     for path in paths:
         name = path.stem
@@ -214,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED {name}: not recorded\n{err}", file=sys.stderr)
             failed.append(name)
             continue
-        entries[name] = {**entry, **info}
         measured.append(name)
         print(f"  {name}: CPU {entry['cpu_s']:.0f} s, wall {entry['wall_s']:.0f} s", flush=True)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
+        # after each chapter, into the file as it is now (a crash keeps the chapters done; another run's
+        # entries written meanwhile are kept): only this chapter's entry changes
+        results = json.loads(args.output.read_text()) if args.output.is_file() else {}
+        entries = {**results.get(key, {}), name: {**entry, **info}}
         results[key] = dict(sorted(entries.items()))
-        args.output.write_text(json.dumps(results, indent=2) + "\n")  # after each chapter: a crash keeps them
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    entries = (json.loads(args.output.read_text()) if args.output.is_file() else {}).get(key, {})
     names = [p.stem for p in chapters() if p.stem in entries]
     if names:
         print(table(entries, names))

@@ -169,3 +169,22 @@ def test_no_result_holds_a_nested_dict_besides_its_measurements():
             assert not any(isinstance(result[k], dict) for k in result if k.startswith("measured")), name
     sine = json.loads((ROOT / "benchmarks" / "results" / "sine_overhead.json").read_text())
     assert all("median_s" in v for v in sine.values() if isinstance(v, dict))  # what chapter 4 reads
+
+
+def test_book_time_chapters_replaces_only_the_chapters_it_runs(tmp_path, monkeypatch, capsys):
+    """`--chapters 10` writes chapter 10's entry (with its date, commit and machine) and keeps every other."""
+    output = tmp_path / "book_time.json"
+    kept = {"cpu_s": 1.0, "wall_s": 2.0, "date": "2000-01-01", "commit": "abc", "machine": "1 cores, x, torch 0"}
+    output.write_text(json.dumps({"cpu": {"01_anatomy_and_world": kept, "10_benchmark": kept},
+                                  "gpu_t4": {"10_benchmark": kept}}))
+    ran = []
+    monkeypatch.setattr(book_time, "run_chapter", lambda path, gpu=None, safeeraser=None: ran.append(path.stem)
+                        or {"wall_s": 30.0, "cpu_s": 12.0, "cpu_children_s": 0.0, "peak_rss_mib": 600,
+                            "peak_gpu_mib": None})
+    assert book_time.main(["--chapters", "10", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert ran == ["10_benchmark"]
+    assert results["cpu"]["01_anatomy_and_world"] == kept and results["gpu_t4"]["10_benchmark"] == kept
+    new = results["cpu"]["10_benchmark"]
+    assert new["cpu_s"] == 12.0 and new["date"] != kept["date"] and " cores, " in new["machine"] and new["commit"]
+    assert "whole book" in capsys.readouterr().out
