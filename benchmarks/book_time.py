@@ -34,7 +34,6 @@ the copy that line is a no-op, so what is timed is the chapter, run with the clo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -179,7 +178,7 @@ def table(entries: dict[str, dict], names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--chapters", help="comma-separated chapter numbers, e.g. 03,07 (default: all)")
     parser.add_argument("--gpu", choices=["t4", "a100"], help="run the chapters' GPU path (see above)")
     parser.add_argument("--safeeraser", metavar="FOLDER", help="with --gpu: SafeEraser's dataset folder (chapter 9)")

@@ -20,7 +20,6 @@ every image as it does on a forget image; with the gate closed the selection pas
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -58,14 +57,19 @@ def models_and_inputs(k: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = timing.Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--k", type=int, default=4, help="visual tokens transformed (default: 4 of 16)")
+    ap.add_argument("--k", type=timing.at_least(1), default=4, help="visual tokens transformed (default: 4 of 16)")
     ap.add_argument("--output", help="default: results/cagul_overhead.json; --quick: none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = 5 if args.quick else 40
-    models, batch, prompts, pad = models_and_inputs(args.k)
+    from mlunlearn.methods import MethodError
+
+    try:
+        models, batch, prompts, pad = models_and_inputs(args.k)
+    except MethodError as error:  # e.g. --k 17: more visual tokens than the tiny image has
+        ap.error(f"--k {args.k}: {error}")
 
     def forward(model):
         @torch.no_grad()

@@ -20,7 +20,6 @@ any difference exits with status 1 and writes nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -58,9 +57,9 @@ def official_loop(model, processor, queries, max_new_tokens: int = 50) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="forget mode only, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=timing.at_least(1), default=3)
     parser.add_argument("--modes", default="forget,test,retain_celebrity",
                         help="modes timed (default: all but retain_shared, whose 95 people would make each "
                              "official run several minutes long)")
@@ -73,7 +72,11 @@ def main() -> None:
     from mlunlearn.eval.scoring import clean_reply
     from mlunlearn.models import load_model
 
-    modes = ("forget",) if args.quick else tuple(args.modes.split(","))
+    modes = ("forget",) if args.quick else tuple(m.strip() for m in args.modes.split(","))
+    known = ("forget", "test", "retain_shared", "retain_celebrity")
+    unknown = [m for m in modes if m not in known]
+    if unknown:
+        parser.error(f"--modes: unknown mode {unknown[0]!r}; use a comma-separated list of {', '.join(known)}")
     repeats = 1 if args.quick else args.repeats
     bench = open_benchmark("toyworld")
     model, processor = load_model("tiny", device="cpu", dtype=torch.float32)

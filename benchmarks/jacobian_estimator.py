@@ -24,7 +24,6 @@ and reports each one's speed-up over the exact paths and its relative errors on 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -58,16 +57,17 @@ def timed(fn):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = timing.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 tokens: a smoke run (< 1 minute)")
-    parser.add_argument("--tokens", type=int, default=8, help="tokens measured by every path")
-    parser.add_argument("--iters", type=int, default=400, help="maximum Lanczos iterations")
+    parser.add_argument("--tokens", type=timing.at_least(1), default=8, help="tokens measured by every path")
+    parser.add_argument("--iters", type=timing.at_least(1), default=400, help="maximum Lanczos iterations")
     parser.add_argument("--tol", type=float, default=1e-5, help="Lanczos stopping tolerance (relative)")
-    parser.add_argument("--batch-tokens", type=int, default=64, help="tokens in the batched estimator run")
+    parser.add_argument("--batch-tokens", type=timing.at_least(1), default=64,
+                        help="tokens in the batched estimator run")
     parser.add_argument("--fixed-iters", type=int, nargs="*", default=[50, 150], help="extra fixed-length runs")
     parser.add_argument("--feature-scale", type=float, default=1.0)
     parser.add_argument("--sizes", type=int, nargs=3, default=[1024, 4096, 4096], metavar=("IN", "HIDDEN", "OUT"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=timing.at_least(1), default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="default: results/jacobian_estimator.json; --quick: none")
     args = parser.parse_args(argv)

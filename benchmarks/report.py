@@ -12,10 +12,11 @@ A results file without a row here is an error (a new benchmark needs its row).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+import timing  # benchmarks/timing.py (the script's folder is on sys.path): Parser
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -239,7 +240,7 @@ def write(path: Path, markers: tuple[str, str], body: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--teaching", action="store_true", help="print book/teaching.md's table instead")
     parser.add_argument("--write", action="store_true", help="update README.md and book/teaching.md in place")
     args = parser.parse_args(argv)

@@ -16,7 +16,6 @@ and their ratio:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def interleaved(make, repeats: int, warmup: int = 3) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = timing.Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", help="default: results/sine_overhead.json; --quick: none")
     args = ap.parse_args()

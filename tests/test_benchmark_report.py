@@ -188,3 +188,27 @@ def test_book_time_chapters_replaces_only_the_chapters_it_runs(tmp_path, monkeyp
     new = results["cpu"]["10_benchmark"]
     assert new["cpu_s"] == 12.0 and new["date"] != kept["date"] and " cores, " in new["machine"] and new["commit"]
     assert "whole book" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("eval_speed.py", ["--modes", "forget,bogus"], "unknown mode 'bogus'"),
+    ("eval_speed.py", ["--repeats", "0"], "0 must be at least 1"),
+    ("cagul_overhead.py", ["--k", "17"], "an image has only 16 visual tokens"),
+    ("cagul_overhead.py", ["--k", "x"], "'x' is not a whole number"),
+    ("jacobian_estimator.py", ["--tokens", "0"], "0 must be at least 1"),
+    ("jacobian_estimator.py", ["--threads", "0"], "0 must be at least 1"),
+    ("sine_overhead.py", ["--quik"], "unrecognized arguments: --quik"),
+    ("report.py", ["--wirte"], "unrecognized arguments: --wirte"),
+])
+def test_benchmark_scripts_bad_arguments_are_one_line_errors(script, args, needle, tmp_path):
+    """Each refused before it measures or writes anything (before: tracebacks from statistics, torch or the
+    method, or --tokens 0 measuring nothing and exiting 0)."""
+    import subprocess
+
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args]
+                          + (["--output", str(out)] if script != "report.py" else []),
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert_one_line_error(done.returncode, done.stderr, needle, f"see {script} --help")
+    assert not out.exists()
