@@ -10,6 +10,7 @@ that are static (no ipywidgets views, which render as noise without a kernel, an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -124,6 +125,16 @@ def test_no_widget_outputs_stored(path):
         "turns progress bars off, and keeps only the text/html fallback of a live widget in a cell "
         "marked # NBVAL_IGNORE_OUTPUT)"
     )
+
+
+@pytest.mark.parametrize("path", _all_notebooks(), ids=_rel)
+def test_no_widget_state_stored(path):
+    """With no widget view stored, widget state in the notebook's metadata describes nothing on the page,
+    yet myst-nb loads require.js and the ipywidgets HTML manager from CDNs for it on every such page."""
+    metadata = json.loads(path.read_text())["metadata"]
+    assert "widgets" not in metadata, (
+        f"{_rel(path)}: stores ipywidgets state (metadata 'widgets', left by a progress bar) but no widget "
+        "view; re-execute it with tools/execute_notebooks.py, which drops it")
 
 
 @pytest.mark.parametrize("path", _all_notebooks(), ids=_rel)

@@ -19,7 +19,7 @@ book fetches from elsewhere never loads: MathJax, require.js and the ipywidgets 
 Colab badge image. No check depends on them: external images are listed, not required to load, and their
 failed requests are set aside (``IGNORED``, written to ``_build/artefacts/rendered_book.json``). So this test
 does not show that formulas typeset or that stored widget views come alive; it shows that everything the book
-serves itself renders. Two messages from the book's own files are known and narrowly allowed (``KNOWN``).
+serves itself renders. One message from the book's own files is known and narrowly allowed (``KNOWN``).
 
 The book comes from ``MLUNLEARN_BOOK_HTML`` (an already built ``_build/html``: `make test-book` builds it with
 ``-W --keep-going`` first) or, when unset, is built here with ``-W --keep-going`` into a temporary folder. A
@@ -74,11 +74,6 @@ DONE_CELL_TAGS = {"remove-cell", "remove-output"}  # cells whose outputs the bui
 
 # Messages the browser logs from the book's own files that are not the book's fault, each matched narrowly.
 KNOWN = {
-    # Sphinx 7.4's HTML builder adds an inline script given by add_js_file(None, body=...) twice
-    # (sphinx-doc/sphinx#13402, fixed in Sphinx 8.2; jupyter-book 1.x needs sphinx~=7.0), so sphinx-thebe's
-    # `const THEBE_JS_URL = ...` is declared twice on every page. The first declaration stands; thebe is not
-    # used by this book. Allowed only when the page really holds that same script twice (_thebe_script_twice).
-    "thebe-duplicate": "Identifier 'THEBE_JS_URL' has already been declared",
     # pydata-sphinx-theme reads the light/dark mode from localStorage, which a fresh profile (a first visit)
     # does not have yet; its own script reports the empty value with console.error and falls back to "auto".
     "theme-mode-first-visit": "Got invalid theme mode: . Resetting to auto.",
@@ -165,11 +160,7 @@ def fetch(url: str) -> tuple[int, str]:
         return err.code, ""
 
 
-def _thebe_script_twice(html: str) -> bool:
-    return html.count("const THEBE_JS_URL =") == 2
-
-
-def classify_log(entries: list[dict], origin: str, page_html: str) -> tuple[list[str], list[str]]:
+def classify_log(entries: list[dict], origin: str) -> tuple[list[str], list[str]]:
     """Split the browser's SEVERE log entries into the book's own errors and those set aside (with a reason).
 
     Each entry's message starts with the address it came from: anything from another host is the closed
@@ -187,8 +178,6 @@ def classify_log(entries: list[dict], origin: str, page_html: str) -> tuple[list
                 problems.append(f"browser error: {message}")  # no address: cannot be put on someone else
         elif entry["source"] == "network" and source == f"{origin}/favicon.ico":
             ignored.append(f"favicon: {message}")
-        elif KNOWN["thebe-duplicate"] in message and _thebe_script_twice(page_html):
-            ignored.append(f"thebe-duplicate: {message}")
         elif KNOWN["theme-mode-first-visit"] in message and "pydata-sphinx-theme.js" in source:
             ignored.append(f"theme-mode-first-visit: {message}")
         else:
@@ -260,7 +249,7 @@ def check_page(driver, base: str, page: Page) -> Report:
             p.append(f"first code cell is not the Colab install cell: {state['firstCell']!r}")
 
     origin = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(base))
-    errors, report.ignored = classify_log(driver.get_log("browser"), origin, page_html)
+    errors, report.ignored = classify_log(driver.get_log("browser"), origin)
     p += errors
     if state["widgetViews"]:  # not checked: they stay inert <script> tags without the CDN
         report.ignored.append(f"widget-offline: {state['widgetViews']} stored widget views not drawn")
@@ -457,8 +446,9 @@ MUTATIONS = {
     "install cell without the guard": (_sub(r'"/content"', '"/contents"'), "not the Colab install cell"),
     "javascript error": (_sub(r"(</body>)", r'<script>throw new Error("boom from the book")</script>\1'),
                          "boom from the book"),
-    "another redeclaration": (_sub(r"(</body>)", r"<script>const FOO = 1;</script><script>const FOO = 2;</script>\1"),
-                              "Identifier 'FOO' has already been declared"),
+    # as Sphinx 7.4 wrote sphinx-thebe's THEBE_JS_URL before book/_ext/unique_scripts.py
+    "a redeclaration": (_sub(r"(</body>)", r"<script>const FOO = 1;</script><script>const FOO = 2;</script>\1"),
+                        "Identifier 'FOO' has already been declared"),
     "missing own script": (_sub(r"(</body>)", r'<script src="../_static/missing.js"></script>\1'),
                            "_static/missing.js"),
 }

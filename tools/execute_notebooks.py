@@ -88,7 +88,7 @@ def keep_widget_fallbacks(nb) -> list[int]:
     """Drop the widget view from each output that has a ``text/html`` fallback, in cells marked
     ``# NBVAL_IGNORE_OUTPUT`` (their stored output is for the page, not for nbval); then, if one was dropped
     and no widget view is left, the widget state in the notebook's metadata (it describes the dropped
-    views). Returns the indices of the cells changed."""
+    views, or a progress bar's). Returns the indices of the cells changed."""
     changed = []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or not cell.source.lstrip().startswith(IGNORE_OUTPUT):
@@ -98,7 +98,7 @@ def keep_widget_fallbacks(nb) -> list[int]:
             if WIDGET_MIME in data and "text/html" in data:
                 del data[WIDGET_MIME]
                 changed.append(i)
-    if changed and not widget_cells(nb):
+    if not widget_cells(nb):  # no view left: the state describes nothing (and pulls CDN scripts into the page)
         nb.metadata.pop(WIDGET_STATE, None)
     return sorted(set(changed))
 
