@@ -206,6 +206,8 @@ return {
   launchLinks: launch.map(a => a.href),
   launchVisible: !!launchToggle && visible(launchToggle),
   widgetViews: article.querySelectorAll(arguments[2]).length,
+  codeScrolls: [...article.querySelectorAll(".cell_input pre")].filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+      .map(pre => pre.innerText.split("\\n").reduce((a, b) => a.length >= b.length ? a : b).slice(0, 100)),
 };
 """
 
@@ -240,6 +242,10 @@ def check_page(driver, base: str, page: Page) -> Report:
         if TRACEBACK in text:
             p.append(f"a traceback in an output: {text[:200]!r}")
         p += [f"{word!r} in an output: {text[:200]!r}" for word in sorted(set(ERROR_WORD.findall(text)))]
+
+    # A code cell wider than the text column gets a horizontal scrollbar (book/_static/book.css sizes the
+    # code so that the 88 characters tests/test_notebooks_executed.py allows fit at this window's width).
+    p += [f"a code cell is wider than the text column (longest line: {line!r})" for line in state["codeScrolls"]]
 
     if page.is_chapter:
         expected = colab_url(page)
@@ -451,6 +457,9 @@ MUTATIONS = {
                         "Identifier 'FOO' has already been declared"),
     "missing own script": (_sub(r"(</body>)", r'<script src="../_static/missing.js"></script>\1'),
                            "_static/missing.js"),
+    "a code line of 120 characters": (_sub(r'(<div class="cell_input docutils container">.*?<pre>)',
+                                           r"\1" + "x" * 120 + "\n"),
+                                      "a code cell is wider than the text column"),
 }
 
 
