@@ -178,7 +178,7 @@ def table(entries: dict[str, dict], names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = timing.Parser(description=__doc__.splitlines()[0])
+    parser = timing.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chapters", help="comma-separated chapter numbers, e.g. 03,07 (default: all)")
     parser.add_argument("--gpu", choices=["t4", "a100"], help="run the chapters' GPU path (see above)")
     parser.add_argument("--safeeraser", metavar="FOLDER", help="with --gpu: SafeEraser's dataset folder (chapter 9)")

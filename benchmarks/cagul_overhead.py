@@ -57,7 +57,7 @@ def models_and_inputs(k: int):
 
 
 def main() -> None:
-    ap = timing.Parser(description=__doc__.split("\n")[0])
+    ap = timing.OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--k", type=timing.at_least(1), default=4, help="visual tokens transformed (default: 4 of 16)")
     ap.add_argument("--output", help="default: results/cagul_overhead.json; --quick: none")

@@ -57,7 +57,7 @@ def official_loop(model, processor, queries, max_new_tokens: int = 50) -> tuple[
 
 
 def main() -> None:
-    parser = timing.Parser(description=__doc__.splitlines()[0])
+    parser = timing.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="forget mode only, one repeat")
     parser.add_argument("--repeats", type=timing.at_least(1), default=3)
     parser.add_argument("--modes", default="forget,test,retain_celebrity",

@@ -57,7 +57,7 @@ def timed(fn):
 
 
 def main(argv=None) -> dict:
-    parser = timing.Parser(description=__doc__.split("\n\n")[0])
+    parser = timing.OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 tokens: a smoke run (< 1 minute)")
     parser.add_argument("--tokens", type=timing.at_least(1), default=8, help="tokens measured by every path")
     parser.add_argument("--iters", type=timing.at_least(1), default=400, help="maximum Lanczos iterations")

@@ -62,7 +62,7 @@ def child(method: str, params: str, width: int, layers: int, copy_reference: boo
 
 
 def main() -> None:
-    ap = timing.Parser(description=__doc__.split("\n")[0])
+    ap = timing.OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model (smoke test)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--output", help="default: results/reference_memory.json; --quick: none")

@@ -240,7 +240,7 @@ def write(path: Path, markers: tuple[str, str], body: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = timing.Parser(description=__doc__.splitlines()[0])
+    parser = timing.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teaching", action="store_true", help="print book/teaching.md's table instead")
     parser.add_argument("--write", action="store_true", help="update README.md and book/teaching.md in place")
     args = parser.parse_args(argv)

@@ -73,7 +73,7 @@ def interleaved(make, repeats: int, warmup: int = 3) -> dict:
 
 
 def main() -> None:
-    ap = timing.Parser(description=__doc__.split("\n")[0])
+    ap = timing.OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", help="default: results/sine_overhead.json; --quick: none")
     args = ap.parse_args()

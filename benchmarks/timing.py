@@ -3,30 +3,12 @@ hits them alike, and each is reported by its median over the repeats."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the package's one-line errors: "<script>: error: <what>; see <script> --help", exit 2
-    (argparse's default prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
-def at_least(minimum: int):
-    """An argparse type: a whole number >= ``minimum``, else argparse's one-line usage error (exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-    return parse
+# For every script here: the package's one-line argparse errors ("<script>: error: <what>; see <script>
+# --help", exit 2) and its whole-number type.
+from mlunlearn.cli import OneLineParser, at_least  # noqa: F401
 
 
 def interleaved(steps: dict, repeats: int, warmup: int = 3, baseline: str | None = None) -> dict:

@@ -19,9 +19,10 @@ import sys
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse with the package's error format: one line on stderr, exit status 2 (argparse prints the whole
-    usage first, ten lines for ``bench``, which buries the error); the line says where the full usage is."""
+    usage first, ten lines for ``bench``, which buries the error); the line says where the full usage is.
+    The scripts in ``benchmarks/`` use it too."""
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
@@ -196,7 +197,7 @@ def _add_bench(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mlunlearn", description="Machine unlearning for LLaVA-1.5.")
+    parser = OneLineParser(prog="mlunlearn", description="Machine unlearning for LLaVA-1.5.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_eval(subparsers)
     _add_methods(subparsers)
@@ -458,12 +459,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             OutputPathError, OutputFolderError, TrainableStateError)
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(minimum: int):
+    """argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive = at_least(1)
 
 
 def _integer(text: str) -> int:

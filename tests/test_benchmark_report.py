@@ -192,11 +192,11 @@ def test_book_time_chapters_replaces_only_the_chapters_it_runs(tmp_path, monkeyp
 
 @pytest.mark.parametrize("script, args, needle", [
     ("eval_speed.py", ["--modes", "forget,bogus"], "unknown mode 'bogus'"),
-    ("eval_speed.py", ["--repeats", "0"], "0 must be at least 1"),
+    ("eval_speed.py", ["--repeats", "0"], "must be at least 1, got 0"),
     ("cagul_overhead.py", ["--k", "17"], "an image has only 16 visual tokens"),
     ("cagul_overhead.py", ["--k", "x"], "'x' is not a whole number"),
-    ("jacobian_estimator.py", ["--tokens", "0"], "0 must be at least 1"),
-    ("jacobian_estimator.py", ["--threads", "0"], "0 must be at least 1"),
+    ("jacobian_estimator.py", ["--tokens", "0"], "must be at least 1, got 0"),
+    ("jacobian_estimator.py", ["--threads", "0"], "must be at least 1, got 0"),
     ("sine_overhead.py", ["--quik"], "unrecognized arguments: --quik"),
     ("report.py", ["--wirte"], "unrecognized arguments: --wirte"),
 ])
